@@ -1,0 +1,36 @@
+"""Typed errors. Every message says what was wrong, what was seen, what was expected and,
+where there is one, how to fix it. Free of torch (the runtime raises these too)."""
+
+
+class MiloraError(Exception):
+    """Base class of every error milora raises on bad input."""
+
+
+class ConfigError(MiloraError, ValueError):
+    """A MiloraConfig (or its JSON form) holds an invalid value."""
+
+
+class UnsupportedModelError(MiloraError):
+    """The base model's architecture or module layout is not one milora can adapt."""
+
+
+class AdapterFormatError(MiloraError):
+    """An adapter directory is missing a file, holds a corrupt file, or a tensor is missing
+    or has the wrong shape."""
+
+
+class BaseMismatchError(MiloraError):
+    """An adapter was trained for a base model whose dimensions differ from this one."""
+
+
+class ImportError_(MiloraError):
+    """A PEFT adapter or reference-code checkpoint cannot be imported."""
+
+
+class UnsafeCheckpointError(ImportError_):
+    """A pickled checkpoint refers to code outside the allowlist; it was not executed."""
+
+
+class RoutingError(MiloraError):
+    """Routing inputs are inconsistent (e.g. a row with no prompt token, a routing state
+    whose shape does not match the batch)."""

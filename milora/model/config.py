@@ -1,0 +1,183 @@
+"""MiloraConfig: every option of the method, typed and validated (docs/MILORA.md).
+
+Free of torch: the exporter's manifest and the runtime read the same JSON form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from milora.contract import ADAPTER_FORMAT_VERSION, EXPERTS
+from milora.errors import ConfigError
+
+POOLERS = ("attention", "last", "mean", "max")
+ACTIVATIONS = ("rational", "gelu", "relu", "identity")
+ACTIVATION_POSITIONS = ("post_pool", "pre_pool")
+GATE_MODES = ("paper", "renormalized")
+LB_LOSSES = ("switch", "cv2", "none")
+RATIONAL_INITS = ("gelu", "relu")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not supported; expected one of {', '.join(allowed)}")
+
+
+@dataclass
+class MiloraConfig:
+    """Options of one MiLoRA adapter. Defaults are the project defaults of docs/MILORA.md.
+
+    rank, alpha: LoRA rank r and alpha; each update is scaled by alpha / r.
+    top_k: experts (of the target modules) switched on per layer, 1..len(target_modules).
+    target_modules: which of the 7 modules carry a LoRA expert, a subset of EXPERTS.
+    routed: False for a tenant with no router (an imported plain LoRA adapter): its gates are
+        fixed at 1.0 on every target module in every layer.
+    pooler, activation, rational_degrees, rational_init, activation_position, gate_mode:
+        the router (docs/MILORA.md, "Forward pass").
+    lb_loss, lb_coef: load-balancing loss (switch | cv2 | none) and its coefficient.
+    noisy_gating: add softplus(h W_noise)-scaled Gaussian noise to router logits in training.
+    dropout: dropout on the LoRA input in training.
+    """
+
+    rank: int = 32
+    alpha: float = 64.0
+    top_k: int = 1
+    target_modules: tuple[str, ...] = EXPERTS
+    routed: bool = True
+    pooler: str = "attention"
+    activation: str = "rational"
+    rational_degrees: tuple[int, int] = (5, 4)
+    rational_init: str = "gelu"
+    activation_position: str = "post_pool"
+    gate_mode: str = "paper"
+    lb_loss: str = "switch"
+    lb_coef: float = 1e-2
+    noisy_gating: bool = False
+    dropout: float = 0.0
+    # Free-form provenance (e.g. "imported from PEFT"); never affects the maths.
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        self.rational_degrees = tuple(int(d) for d in self.rational_degrees)  # type: ignore[assignment]
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if not self.target_modules:
+            raise ConfigError(f"target_modules is empty; expected a non-empty subset of {', '.join(EXPERTS)}")
+        unknown = [m for m in self.target_modules if m not in EXPERTS]
+        if unknown:
+            raise ConfigError(
+                f"target_modules contains {unknown}; expected names from {', '.join(EXPERTS)}"
+            )
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ConfigError(f"target_modules has duplicates: {list(self.target_modules)}")
+        # Expert order is always the canonical order, whatever order the user wrote.
+        self.target_modules = tuple(m for m in EXPERTS if m in self.target_modules)
+        n = len(self.target_modules)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= n:
+            raise ConfigError(
+                f"top_k={self.top_k!r} is out of range; expected an integer in 1..{n} "
+                f"(the number of target modules)"
+            )
+        _choice("pooler", self.pooler, POOLERS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("activation_position", self.activation_position, ACTIVATION_POSITIONS)
+        _choice("gate_mode", self.gate_mode, GATE_MODES)
+        _choice("lb_loss", self.lb_loss, LB_LOSSES)
+        _choice("rational_init", self.rational_init, RATIONAL_INITS)
+        p, q = self.rational_degrees
+        if len(self.rational_degrees) != 2 or p < 1 or q < 1:
+            raise ConfigError(
+                f"rational_degrees={self.rational_degrees!r}; expected (numerator, denominator) "
+                "degrees >= 1, e.g. (5, 4) or (6, 5)"
+            )
+        if (p, q) not in ((5, 4), (6, 5)) and self.activation == "rational":
+            # Only these two have published initialisations (docs/MILORA.md).
+            raise ConfigError(
+                f"rational_degrees={self.rational_degrees} has no known initialisation; "
+                "expected (5, 4) (reference code) or (6, 5) (paper)"
+            )
+        if not isinstance(self.lb_coef, (int, float)) or self.lb_coef < 0:
+            raise ConfigError(f"lb_coef must be >= 0, got {self.lb_coef!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def scale(self) -> float:
+        """LoRA scale s = alpha / r applied to every update."""
+        return self.alpha / self.rank
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.target_modules)
+
+    # ---- JSON form (adapter format v1, docs/adapter-format.md) ----
+
+    def to_json_dict(self, base: dict[str, Any]) -> dict[str, Any]:
+        activation: dict[str, Any] = {"type": self.activation}
+        if self.activation == "rational":
+            activation["degrees"] = list(self.rational_degrees)
+            activation["init"] = self.rational_init
+        return {
+            "format_version": ADAPTER_FORMAT_VERSION,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "top_k": self.top_k,
+            "experts": list(self.target_modules),
+            "routed": self.routed,
+            "pooler": self.pooler,
+            "activation": activation,
+            "activation_position": self.activation_position,
+            "gate_mode": self.gate_mode,
+            "lb_loss": self.lb_loss,
+            "lb_coef": self.lb_coef,
+            "noisy_gating": self.noisy_gating,
+            "dropout": self.dropout,
+            "notes": self.notes,
+            "base": dict(base),
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "MiloraConfig":
+        """Inverse of to_json_dict (the 'base' entry is returned separately by the loader)."""
+        version = data.get("format_version")
+        if version != ADAPTER_FORMAT_VERSION:
+            raise ConfigError(
+                f"adapter format_version={version!r} is not supported; this milora reads version "
+                f"{ADAPTER_FORMAT_VERSION}. Re-save the adapter with a matching milora."
+            )
+        missing = [k for k in ("rank", "alpha", "top_k", "experts", "pooler", "activation") if k not in data]
+        if missing:
+            raise ConfigError(f"adapter config lacks required keys {missing}")
+        act = data["activation"]
+        if not isinstance(act, dict) or "type" not in act:
+            raise ConfigError(f"'activation' must be an object with a 'type', got {act!r}")
+        kwargs: dict[str, Any] = dict(
+            rank=data["rank"],
+            alpha=data["alpha"],
+            top_k=data["top_k"],
+            target_modules=tuple(data["experts"]),
+            routed=data.get("routed", True),
+            pooler=data["pooler"],
+            activation=act["type"],
+            activation_position=data.get("activation_position", "post_pool"),
+            gate_mode=data.get("gate_mode", "paper"),
+            lb_loss=data.get("lb_loss", "switch"),
+            lb_coef=data.get("lb_coef", 1e-2),
+            noisy_gating=data.get("noisy_gating", False),
+            dropout=data.get("dropout", 0.0),
+            notes=data.get("notes", {}),
+        )
+        if act["type"] == "rational":
+            kwargs["rational_degrees"] = tuple(act.get("degrees", (5, 4)))
+            kwargs["rational_init"] = act.get("init", "gelu")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "MiloraConfig":
+        return dataclasses.replace(self, **changes)
