@@ -34,3 +34,17 @@ class UnsafeCheckpointError(ImportError_):
 class RoutingError(MiloraError):
     """Routing inputs are inconsistent (e.g. a row with no prompt token, a routing state
     whose shape does not match the batch)."""
+
+
+class AssetError(MiloraError):
+    """A packaged asset (the SmolLM2 GGUF, a built-in dataset) is missing or unreadable."""
+
+
+class DataError(MiloraError, ValueError):
+    """Training or evaluation data is malformed (a bad JSONL line, a missing field, an unknown
+    task name, an empty split)."""
+
+
+class TrainingError(MiloraError):
+    """A training run cannot start or resume (bad hyper-parameters, a checkpoint that does not
+    match the run)."""
