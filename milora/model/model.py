@@ -11,6 +11,7 @@ Shape legend: B batch rows, T new tokens, P past tokens, L layers, E experts, V 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ class MiloraModel(nn.Module):
         fixed[[EXPERT_INDEX[m] for m in config.target_modules]] = 1.0
         self.register_buffer("_fixed_gates", fixed, persistent=False)  # [7], non-routed adapters
         self._expert_index = torch.tensor([EXPERT_INDEX[m] for m in config.target_modules])
+        # transformers 5.x renamed the forward's past_key_values argument to `cache`.
+        params = inspect.signature(base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         base_model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
         base_model.register_forward_hook(self._end_forward)
 
@@ -130,17 +134,18 @@ class MiloraModel(nn.Module):
             # Left padding: positions count real tokens only.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]  # [B, T]
         session = RoutingSession(routing, routing_mask)
+        kwargs[self._cache_arg] = past_key_values
         with routing_session(session):
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, labels=labels, use_cache=use_cache,
-                                  **kwargs)
+                                  labels=labels, use_cache=use_cache, **kwargs)
         lb = None
         if routing is None and self.routers is not None:
             lb = load_balancing_loss(session.lb_probs or [], self.config.lb_loss)
         loss = out.loss
         if loss is not None and lb is not None:
             loss = loss + self.config.lb_coef * lb
-        return MiloraOutput(out.logits, getattr(out, "past_key_values", None), session.state, loss, out.loss, lb)
+        cache = out.get("past_key_values", out.get("cache"))
+        return MiloraOutput(out.logits, cache, session.state, loss, out.loss, lb)
 
     @torch.no_grad()
     def compute_routing(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> RoutingState:
