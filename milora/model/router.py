@@ -140,6 +140,17 @@ class MiloraRouter(nn.Module):
             nn.Parameter(torch.zeros(e, hidden_size, dtype=torch.float32)) if config.noisy_gating else None
         )
 
+    def _apply(self, fn, recurse=True):
+        # model.half() / model.to(torch.bfloat16) must not demote the router: it runs in float32
+        # whatever the model's dtype (docs/MILORA.md, "Numerics"). Device moves still apply.
+        super()._apply(fn, recurse)
+        for p in self.parameters(recurse=False):
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        return self
+
     def forward(self, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden [B, T, d] (any dtype), mask [B, T] bool (the prompt tokens) ->
         (gates [B, E], probs [B, E], logits [B, E]), all float32."""
