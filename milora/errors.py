@@ -48,3 +48,28 @@ class DataError(MiloraError, ValueError):
 class TrainingError(MiloraError):
     """A training run cannot start or resume (bad hyper-parameters, a checkpoint that does not
     match the run)."""
+
+
+class ExportError(MiloraError):
+    """milora-export cannot proceed: bad inputs or options (OUT_DIR not empty, too many
+    tenants for the slots, unknown adapter kind, ...)."""
+
+
+class ManifestError(MiloraError):
+    """An exported directory's manifest is missing, corrupt, or does not match its files."""
+
+
+class ValidationError(MiloraError):
+    """An exported graph disagrees with the PyTorch reference beyond the tolerance table."""
+
+
+class TenantError(MiloraError):
+    """Unknown tenant, a tenant still in use, or no adapter slot can be freed."""
+
+
+class ManifestError(MiloraError):
+    """An exported directory is missing, incomplete, tampered with, or of another version."""
+
+
+class CapacityError(MiloraError):
+    """A request can never fit (prompt longer than the context, KV budget too small)."""
