@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,15 @@ ACTIVATION_POSITIONS = ("post_pool", "pre_pool")
 GATE_MODES = ("paper", "renormalized")
 LB_LOSSES = ("switch", "cv2", "none")
 RATIONAL_INITS = ("gelu", "relu")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int in Python, but rank=True is a mistake, not a rank of 1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -61,52 +71,75 @@ class MiloraConfig:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
-        self.rational_degrees = tuple(int(d) for d in self.rational_degrees)  # type: ignore[assignment]
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
-        self.alpha = float(self.alpha)
-        if not self.target_modules:
-            raise ConfigError(f"target_modules is empty; expected a non-empty subset of {', '.join(EXPERTS)}")
-        unknown = [m for m in self.target_modules if m not in EXPERTS]
-        if unknown:
-            raise ConfigError(
-                f"target_modules contains {unknown}; expected names from {', '.join(EXPERTS)}"
-            )
-        if len(set(self.target_modules)) != len(self.target_modules):
-            raise ConfigError(f"target_modules has duplicates: {list(self.target_modules)}")
-        # Expert order is always the canonical order, whatever order the user wrote.
-        self.target_modules = tuple(m for m in EXPERTS if m in self.target_modules)
+        self._check_numbers()
+        self._check_target_modules()
         n = len(self.target_modules)
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= n:
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= n:
             raise ConfigError(
                 f"top_k={self.top_k!r} is out of range; expected an integer in 1..{n} "
                 f"(the number of target modules)"
             )
+        for name in ("routed", "noisy_gating"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}; expected a bool (True or False)")
         _choice("pooler", self.pooler, POOLERS)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("activation_position", self.activation_position, ACTIVATION_POSITIONS)
         _choice("gate_mode", self.gate_mode, GATE_MODES)
         _choice("lb_loss", self.lb_loss, LB_LOSSES)
         _choice("rational_init", self.rational_init, RATIONAL_INITS)
-        p, q = self.rational_degrees
-        if len(self.rational_degrees) != 2 or p < 1 or q < 1:
+        self._check_rational_degrees()
+        if not isinstance(self.notes, dict):
+            raise ConfigError(f"notes={self.notes!r}; expected a dict (free-form provenance)")
+
+    def _check_numbers(self) -> None:
+        if not _is_int(self.rank) or self.rank < 1:
+            raise ConfigError(f"rank={self.rank!r}; expected a positive integer (the LoRA rank r)")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"alpha={self.alpha!r}; expected a positive finite number (scale = alpha / rank)")
+        self.alpha = float(self.alpha)
+        if not _is_number(self.lb_coef) or self.lb_coef < 0:
+            raise ConfigError(f"lb_coef={self.lb_coef!r}; expected a finite number >= 0")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout!r}; expected a number in [0, 1)")
+
+    def _check_target_modules(self) -> None:
+        if isinstance(self.target_modules, str):
+            # A bare string would otherwise be split into characters.
+            self.target_modules = (self.target_modules,)
+        try:
+            self.target_modules = tuple(self.target_modules)
+        except TypeError:
             raise ConfigError(
-                f"rational_degrees={self.rational_degrees!r}; expected (numerator, denominator) "
-                "degrees >= 1, e.g. (5, 4) or (6, 5)"
+                f"target_modules={self.target_modules!r}; expected a list of names from {', '.join(EXPERTS)}"
+            ) from None
+        if not self.target_modules:
+            raise ConfigError(f"target_modules={self.target_modules!r} is empty; expected a non-empty subset of {', '.join(EXPERTS)}")
+        unknown = [m for m in self.target_modules if m not in EXPERTS]
+        if unknown:
+            raise ConfigError(f"target_modules contains {unknown}; expected names from {', '.join(EXPERTS)}")
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ConfigError(
+                f"target_modules has duplicates: {list(self.target_modules)}; expected each module at most once"
             )
-        if (p, q) not in ((5, 4), (6, 5)) and self.activation == "rational":
+        # Expert order is always the canonical order, whatever order the user wrote.
+        self.target_modules = tuple(m for m in EXPERTS if m in self.target_modules)
+
+    def _check_rational_degrees(self) -> None:
+        degrees = self.rational_degrees
+        if isinstance(degrees, (str, bytes)) or not hasattr(degrees, "__len__") or len(degrees) != 2 \
+                or not all(_is_int(d) and d >= 1 for d in degrees):
+            raise ConfigError(
+                f"rational_degrees={degrees!r}; expected (numerator, denominator) integer degrees >= 1, "
+                "e.g. (5, 4) or (6, 5)"
+            )
+        self.rational_degrees = (int(degrees[0]), int(degrees[1]))
+        if self.rational_degrees not in ((5, 4), (6, 5)) and self.activation == "rational":
             # Only these two have published initialisations (docs/MILORA.md).
             raise ConfigError(
                 f"rational_degrees={self.rational_degrees} has no known initialisation; "
                 "expected (5, 4) (reference code) or (6, 5) (paper)"
             )
-        if not isinstance(self.lb_coef, (int, float)) or self.lb_coef < 0:
-            raise ConfigError(f"lb_coef must be >= 0, got {self.lb_coef!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def scale(self) -> float:
