@@ -1,0 +1,289 @@
+"""The milora runtime: tenants, requests and continuous batching over an export directory.
+
+    engine = Engine(OUT_DIR)
+    req = engine.submit("tenant-a", prompt="...", params=SamplingParams(max_new_tokens=32))
+    for text in engine.stream(req): print(text, end="")
+    results = engine.generate_batch([("a", "..."), ("b", "...")])
+
+Each step: admit queued requests while KV capacity and adapter slots allow, prefill them
+together (routers run here, once per prompt), join them to the running batch, and run one
+decode step for every running row (no router: the gates from prefill are fed back). Rows of
+different tenants and lengths share a batch; finished or cancelled rows leave at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from milora.errors import CapacityError, MiloraError, TenantError
+from milora.runtime.bundle import Bundle
+from milora.runtime.ort_backend import BatchKV, OrtBackend
+from milora.runtime.sampling import Sampler, SamplingParams, find_stop
+from milora.runtime.tenants import TenantRegistry
+
+
+@dataclass
+class Request:
+    id: int
+    tenant: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    status: str = "queued"  # queued | running | finished | cancelled | failed
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # eos | stop | length | cancelled | error
+    error: Exception | None = None
+    gates: np.ndarray | None = None  # [L, 7] routing from prefill, read-only afterwards
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    _sampler: Sampler | None = None
+    _slot: int | None = None
+    _streamed: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("finished", "cancelled", "failed")
+
+    @property
+    def reservation(self) -> int:
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+
+class Engine:
+    def __init__(self, out_dir: str | Path, providers: Sequence[str] | None = None, max_batch: int = 8,
+                 kv_budget_tokens: int | None = None, threads: int | None = None, verify: bool = True):
+        self.bundle = Bundle.open(out_dir, verify=verify)
+        m = self.bundle.manifest
+        self.backend = OrtBackend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id)
+        self.max_batch = max_batch
+        self.max_context = m["base"].get("max_position_embeddings")
+        self.kv_budget = kv_budget_tokens or max_batch * (self.max_context or 2048)
+        self.tenants = TenantRegistry(m["slots"], self._load_slot, self.backend.clear_slot)
+        for name, info in m["tenants"].items():
+            self.tenants.add(name, ("pack", self.bundle.root / info["pack"]))
+        self._ids = itertools.count()
+        self._queue: deque[Request] = deque()
+        self._rows: list[Request] = []
+        self._kv: BatchKV = self.backend.empty_kv()
+        self._kv_reserved = 0
+
+    # ---- tenants ----
+
+    def add_tenant(self, name: str, source: str | Path, pin: bool = False) -> None:
+        """Register a tenant from a slot pack (.safetensors written by milora-export) or a MiLoRA /
+        format-v1 adapter directory (converted here: no re-export)."""
+        path = Path(source)
+        if not path.exists():
+            raise TenantError(f"adapter source {path} does not exist")
+        kind = "adapter" if path.is_dir() else "pack"
+        if kind == "adapter":
+            self._adapter_pack(path)  # validate now, not at first use
+        self.tenants.add(name, (kind, path), pin=pin)
+
+    def remove_tenant(self, name: str) -> None:
+        self.tenants.remove(name)
+
+    def pin(self, name: str) -> None:
+        self.tenants.pin(name)
+
+    def unpin(self, name: str) -> None:
+        self.tenants.unpin(name)
+
+    def _adapter_pack(self, path: Path) -> dict[str, np.ndarray]:
+        from milora.adapter_format import check_base, read_adapter
+        from milora.export.banks import build_pack
+
+        m = self.bundle.manifest
+        config, base, tensors = read_adapter(path)
+        check_base(base, m["base"], f"adapter {path}")
+        if config.rank > m["max_rank"]:
+            raise TenantError(f"adapter {path} has rank {config.rank} but this export's banks hold rank "
+                              f"{m['max_rank']}; re-export with a larger max rank")
+        return build_pack(config, tensors, m["base"], m["max_rank"], m["dtype"])
+
+    def _load_slot(self, slot: int, name: str, source: tuple[str, Path]) -> None:
+        from milora.export.banks import load_pack
+
+        kind, path = source
+        pack = self._adapter_pack(path) if kind == "adapter" else load_pack(path, self.bundle.manifest)
+        self.backend.write_slot(slot, pack)
+
+    # ---- requests ----
+
+    def submit(self, tenant: str, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+               prompt_ids: list[int] | None = None, params: SamplingParams | None = None) -> Request:
+        """Queue a request. Exactly one of prompt (raw text), messages (chat, templated) or
+        prompt_ids. Each chat turn is a new prompt: routed and prefilled again."""
+        if tenant not in self.tenants:
+            raise TenantError(f"unknown tenant {tenant!r}; this runtime serves: {', '.join(self.tenants.names())}")
+        if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
+            raise MiloraError("give exactly one of prompt, messages or prompt_ids")
+        if messages is not None:
+            prompt = self.bundle.apply_chat_template(messages)
+        ids = list(prompt_ids) if prompt_ids is not None else self.bundle.encode(prompt)
+        if not ids:
+            raise CapacityError("the prompt is empty after tokenization; give at least one token")
+        params = params or SamplingParams()
+        req = Request(next(self._ids), tenant, ids, params, _sampler=Sampler(params))
+        if self.max_context and req.reservation > self.max_context:
+            raise CapacityError(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
+                                f"the model's context of {self.max_context}; shorten the prompt or lower max_new_tokens")
+        if req.reservation > self.kv_budget:
+            raise CapacityError(f"request needs {req.reservation} KV tokens but the runtime's KV budget is "
+                                f"{self.kv_budget}; open the engine with a larger kv_budget_tokens")
+        self._queue.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        if req.done:
+            return
+        if req in self._queue:
+            self._queue.remove(req)
+        elif req in self._rows:
+            keep = [i for i, r in enumerate(self._rows) if r is not req]
+            self._kv = self.backend.keep_rows(self._kv, keep)
+            self._rows = [self._rows[i] for i in keep]
+            self._free(req)
+        req.status, req.finish_reason = "cancelled", "cancelled"
+        req.finished_at = time.perf_counter()
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._rows
+
+    def stats(self) -> dict[str, Any]:
+        return {"queued": len(self._queue), "running": len(self._rows), "kv_reserved_tokens": self._kv_reserved,
+                "kv_batch_tokens": self._kv.mask.size, "tenant_refs": self.tenants.in_use(),
+                "loaded_tenants": self.tenants.slots()}
+
+    # ---- scheduling ----
+
+    def step(self) -> None:
+        """Admit and prefill what fits, then one decode step for every running row."""
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self._rows:
+            self._decode()
+
+    def run_until_done(self) -> None:
+        while not self.idle:
+            self.step()
+
+    def _admit(self) -> list[Request]:
+        admitted: list[Request] = []
+        while self._queue and len(self._rows) + len(admitted) < self.max_batch:
+            req = self._queue[0]
+            if self._kv_reserved + req.reservation > self.kv_budget:
+                break  # FIFO: wait for running rows to free KV
+            try:
+                req._slot = self.tenants.acquire(req.tenant)
+            except TenantError as exc:
+                if self._rows or admitted:
+                    break  # a running request will release a slot
+                self._queue.popleft()
+                self._fail(req, exc)
+                continue
+            self._queue.popleft()
+            self._kv_reserved += req.reservation
+            req.status = "running"
+            admitted.append(req)
+        return admitted
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        logits, gates, kv = self.backend.prefill([r.prompt_ids for r in reqs], [r._slot for r in reqs])
+        for i, r in enumerate(reqs):
+            r.gates = gates[i]
+            r.first_token_at = time.perf_counter()
+            self._accept(r, logits[i])
+        self._rows.extend(reqs)
+        self._kv = self.backend.merge(self._kv, kv)
+        self._drop_finished()
+
+    def _decode(self) -> None:
+        ids = np.array([r.output_ids[-1] for r in self._rows], dtype=np.int64)
+        slots = np.array([r._slot for r in self._rows], dtype=np.int64)
+        gates = np.stack([r.gates for r in self._rows]).astype(np.float32)
+        logits = self.backend.decode(ids, self._kv, slots, gates)
+        for i, r in enumerate(self._rows):
+            self._accept(r, logits[i])
+        self._drop_finished()
+
+    def _accept(self, r: Request, logits: np.ndarray) -> None:
+        """Sample one token for a request and apply its stop rules."""
+        seen = np.asarray(r.prompt_ids + r.output_ids, dtype=np.int64)
+        tok = r._sampler(logits, seen)
+        p = r.params
+        if (tok in self.bundle.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return self._finish(r, "eos" if tok in self.bundle.eos_token_ids else "stop")
+        r.output_ids.append(tok)
+        before = len(r.text)
+        r.text = self.bundle.decode(r.output_ids)
+        if p.stop:
+            at = find_stop(r.text, p.stop, before)
+            if at is not None:
+                r.text = r.text[:at]
+                return self._finish(r, "stop")
+        if len(r.output_ids) >= p.max_new_tokens:
+            self._finish(r, "length")
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.status, r.finish_reason, r.finished_at = "finished", reason, time.perf_counter()
+
+    def _drop_finished(self) -> None:
+        if not any(r.done for r in self._rows):
+            return
+        keep = [i for i, r in enumerate(self._rows) if not r.done]
+        for r in self._rows:
+            if r.done:
+                self._free(r)
+        self._kv = self.backend.keep_rows(self._kv, keep)
+        self._rows = [self._rows[i] for i in keep]
+
+    def _free(self, r: Request) -> None:
+        self.tenants.release(r.tenant)
+        self._kv_reserved -= r.reservation
+
+    def _fail(self, r: Request, exc: Exception) -> None:
+        r.status, r.finish_reason, r.error = "failed", "error", exc
+        r.finished_at = time.perf_counter()
+
+    # ---- convenience forms ----
+
+    def stream(self, req: Request) -> Iterator[str]:
+        """Text deltas of one request as they are generated (drives the whole engine). Text that
+        could still turn out to start a stop string is held back until it cannot."""
+        hold = max((len(s) for s in req.params.stop), default=1) - 1
+        while True:
+            if not req.done:
+                self.step()
+            end = len(req.text) if req.done else max(req._streamed, len(req.text) - hold)
+            if end > req._streamed:
+                yield req.text[req._streamed:end]
+                req._streamed = end
+            if req.done:
+                if req.status == "failed":
+                    raise req.error
+                return
+
+    def generate(self, tenant: str, prompt: str | None = None, **kwargs) -> Request:
+        req = self.submit(tenant, prompt, **kwargs)
+        while not req.done:
+            self.step()
+        if req.status == "failed":
+            raise req.error
+        return req
+
+    def generate_batch(self, requests: list[dict[str, Any]]) -> list[Request]:
+        """Submit every request (dicts of submit's arguments) and run until all are done."""
+        reqs = [self.submit(**r) for r in requests]
+        self.run_until_done()
+        return reqs

@@ -1,0 +1,170 @@
+"""onnxruntime execution of an export's prefill and decode graphs.
+
+Shape legend: B rows in the running batch, T prompt tokens, P cached tokens, L layers,
+Hkv KV heads, D head dim, V vocab, S adapter slots.
+
+Banks [S, ...] are numpy arrays bound once through IOBinding; on CPU an OrtValue shares
+the numpy buffer, so writing a tenant into a slot needs no rebinding and nothing is copied
+per step. KV is the portable concat layout (present = concat(past, new)): each step's
+present OrtValues are bound as the next step's past without leaving onnxruntime; numpy only
+touches KV when the batch's membership changes (rows join after prefill or leave).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from milora.errors import ManifestError
+from milora.export import manifest as mf
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+@dataclass
+class BatchKV:
+    """KV and mask of the rows currently decoding, in row order."""
+
+    mask: np.ndarray  # [B, P] int64 (left padding)
+    past: list[Any]  # per past input name, OrtValue or ndarray [B, Hkv, P, D]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+class OrtBackend:
+    def __init__(self, root, manifest: dict[str, Any], providers: Sequence[str] | None = None,
+                 threads: int | None = None, pad_token_id: int = 0):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.manifest = manifest
+        self.pad_token_id = pad_token_id
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = list(providers or ["CPUExecutionProvider"])
+        available = ort.get_available_providers()
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise ManifestError(f"execution providers {missing} are not available in this onnxruntime "
+                                f"(available: {available}); install onnxruntime-gpu for CUDA")
+        graphs = manifest["graphs"]
+        self.sessions = {g: ort.InferenceSession(str(root / graphs[g]["file"]), opts, providers=providers)
+                         for g in ("prefill", "decode")}
+        # CUDA EP: inputs and outputs stay on the device; on CPU everything is host memory.
+        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.num_layers = manifest["base"]["num_layers"]
+        self.dtype = NP_DTYPES[manifest["dtype"]]
+        self.slots = manifest["slots"]
+        self.banks = {n: np.zeros([self.slots, *s["shape"]], dtype=NP_DTYPES[s["dtype"]])
+                      for n, s in manifest["banks"].items()}
+        self._inputs = {g: {i["name"] for i in graphs[g]["inputs"]} for g in graphs if g in ("prefill", "decode")}
+        self.past_names = [n for i in range(self.num_layers) for n in (mf.past_key(i), mf.past_value(i))]
+        self.present_names = [n for i in range(self.num_layers) for n in (mf.present_key(i), mf.present_value(i))]
+        self._bank_values: dict[str, Any] = {}
+        self._bindings = {g: s.io_binding() for g, s in self.sessions.items()}
+        self._bind_banks()
+
+    # ---- adapter slots ----
+
+    def write_slot(self, slot: int, pack: dict[str, np.ndarray]) -> None:
+        for name, bank in self.banks.items():
+            bank[slot] = pack[name]
+        self._sync_banks()
+
+    def clear_slot(self, slot: int) -> None:
+        for bank in self.banks.values():
+            bank[slot] = 0
+        self._sync_banks()
+
+    def _bind_banks(self) -> None:
+        for name, bank in self.banks.items():
+            self._bank_values[name] = self.ort.OrtValue.ortvalue_from_numpy(bank, self.device)
+        for g, binding in self._bindings.items():
+            for name, value in self._bank_values.items():
+                if name in self._inputs[g]:
+                    binding.bind_ortvalue_input(name, value)
+
+    def _sync_banks(self) -> None:
+        # On CPU the OrtValues share the numpy buffers: nothing to do. On a device, copy the
+        # changed banks over once per slot change (never per step).
+        if self.device != "cpu":
+            for name, value in self._bank_values.items():
+                value.update_inplace(self.banks[name])
+
+    # ---- graphs ----
+
+    def _run(self, graph: str, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
+        binding = self._bindings[graph]
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device)
+            binding.bind_ortvalue_input(name, value)
+        binding.clear_binding_outputs()
+        for name in outputs:
+            binding.bind_output(name, self.device)
+        self.sessions[graph].run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[np.ndarray, np.ndarray, BatchKV]:
+        """Left-padded prefill of new rows -> (last-position logits [b, V], gates [b, L, 7], their KV)."""
+        t = max(len(p) for p in prompts)
+        ids = np.full((len(prompts), t), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), t), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, t - len(p):] = p
+            mask[i, t - len(p):] = 1
+        feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: np.asarray(slots, dtype=np.int64)}
+        out = self._run("prefill", feeds, [mf.LOGITS, mf.GATES, *self.present_names])
+        logits = out[0].numpy()[:, -1, :].astype(np.float32)  # [b, V]
+        gates = out[1].numpy().copy()  # [b, L, 7]
+        return logits, gates, BatchKV(mask, [o.numpy() for o in out[2:]])
+
+    def decode(self, ids: np.ndarray, kv: BatchKV, slots: np.ndarray, gates: np.ndarray) -> np.ndarray:
+        """One decode step for the running batch: ids [B] -> logits [B, V]; kv advances by one."""
+        mask = np.concatenate([kv.mask, np.ones((kv.mask.shape[0], 1), dtype=np.int64)], axis=1)  # [B, P+1]
+        feeds = {mf.INPUT_IDS: ids.reshape(-1, 1).astype(np.int64), mf.ATTENTION_MASK: mask,
+                 mf.TENANT_SLOTS: slots, mf.GATES: gates}
+        feeds.update(zip(self.past_names, kv.past))
+        out = self._run("decode", feeds, [mf.LOGITS, *self.present_names])
+        kv.mask, kv.past = mask, out[1:]
+        return out[0].numpy()[:, -1, :].astype(np.float32)
+
+    # ---- membership changes (numpy; not per step) ----
+
+    def empty_kv(self) -> BatchKV:
+        base = self.manifest["base"]
+        shape = (0, base["num_kv_heads"], 0, base["head_dim"])
+        return BatchKV(np.zeros((0, 0), dtype=np.int64), [np.zeros(shape, dtype=self.dtype) for _ in self.past_names])
+
+    @staticmethod
+    def _host(value: Any) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else value.numpy()
+
+    def merge(self, a: BatchKV, b: BatchKV) -> BatchKV:
+        """Rows of a then rows of b, left-padded to a common length."""
+        p = max(a.length, b.length)
+        mask = np.concatenate([_left_pad(a.mask, p), _left_pad(b.mask, p)], axis=0)
+        past = [np.concatenate([_left_pad(self._host(x), p, axis=2), _left_pad(self._host(y), p, axis=2)], axis=0)
+                for x, y in zip(a.past, b.past)]
+        return BatchKV(mask, past)
+
+    def keep_rows(self, kv: BatchKV, rows: list[int]) -> BatchKV:
+        """Only the given rows, with leading columns no remaining row uses trimmed."""
+        mask = kv.mask[rows]
+        used = np.nonzero(mask.any(axis=0))[0]
+        start = int(used[0]) if used.size else mask.shape[1]
+        return BatchKV(mask[:, start:], [self._host(x)[rows][:, :, start:] for x in kv.past])
+
+
+def _left_pad(x: np.ndarray, length: int, axis: int = 1) -> np.ndarray:
+    pad = length - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (pad, 0)
+    return np.pad(x, widths)
