@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from milora.adapter_format import check_base, check_tensors, expected_shapes, read_adapter
 from milora.contract import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, EXPERT_INDEX, NUM_EXPERTS, lora_a_name,
                              lora_b_name, router_tensor_name)
-from milora.errors import RoutingError
+from milora.errors import AdapterFormatError, RoutingError
 from milora.model.config import MiloraConfig
 from milora.model.inject import base_info, decoder_layers, expert_linear, set_expert_linear
 from milora.model.layer import MiloraLinear
@@ -200,9 +200,16 @@ class MiloraModel(nn.Module):
 
     def save_adapter(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write milora_config.json + milora_adapter.safetensors (router tensors stay float32;
-        `dtype` casts the LoRA matrices, e.g. torch.float16 for smaller files)."""
+        `dtype` casts the LoRA matrices, e.g. torch.float16 for smaller files). bfloat16 LoRA
+        matrices are stored as float32 (exactly): the format is read with numpy, which has no
+        bfloat16, so a bf16 tensor in the file would make the adapter unreadable."""
         from safetensors.torch import save_file
 
+        if dtype is not None and dtype not in (torch.float32, torch.float16):
+            raise AdapterFormatError(
+                f"save_adapter(dtype={dtype}) is not supported; expected torch.float32 or torch.float16 "
+                "(adapter files are read with numpy, which has no bfloat16)"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -210,6 +217,8 @@ class MiloraModel(nn.Module):
             t = t.to("cpu").contiguous()
             if dtype is not None and ".lora_" in name:
                 t = t.to(dtype)
+            elif t.dtype == torch.bfloat16:
+                t = t.float()  # lossless; loading casts back to the model's dtype
             tensors[name] = t
         tmp = directory / (ADAPTER_WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "milora", "format_version": "1"})
