@@ -55,10 +55,6 @@ class ExportError(MiloraError):
     tenants for the slots, unknown adapter kind, ...)."""
 
 
-class ManifestError(MiloraError):
-    """An exported directory's manifest is missing, corrupt, or does not match its files."""
-
-
 class ValidationError(MiloraError):
     """An exported graph disagrees with the PyTorch reference beyond the tolerance table."""
 
