@@ -1,0 +1,211 @@
+"""The exported directory's contract: file names, graph IO names and axes, bank tensors and
+the manifest.json schema. Defined once here, read by the exporter, the validator, the
+documented example and the runtime. Free of torch and onnx: numpy only.
+
+Shape legend: B batch, T new tokens, P past tokens, L layers, E = 7 experts (contract.EXPERTS),
+S adapter slots, R the export's max rank, Hkv KV heads, D head dim, V vocab, d hidden size.
+
+Graphs (names below; every graph input/output is also listed, with shapes, in manifest.json):
+  prefill: input_ids [B,T] int64, attention_mask [B,T] int64 (left padding), tenant_slots [B]
+           int64, LoRA banks, router banks, slot options
+        -> logits [B,T,V], present.{i}.key/value [B,Hkv,T,D], gates [B,L,E] float32
+  decode:  input_ids [B,T] int64, attention_mask [B,P+T] int64, past_key_values.{i}.key/value
+           [B,Hkv,P,D], tenant_slots [B], gates [B,L,E] float32, LoRA banks
+        -> logits [B,T,V], present.{i}.key/value [B,Hkv,P+T,D]          (no router)
+Position ids are computed inside the graphs from attention_mask (cumsum - 1), as the PyTorch
+reference does, so a runtime only has to extend the mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from milora.contract import EXPERTS, NUM_EXPERTS
+from milora.errors import ManifestError
+
+MANIFEST_FORMAT = "milora-export"
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+PREFILL_FILE = "prefill.onnx"
+DECODE_FILE = "decode.onnx"
+PACK_DIR = "adapters"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+# ---- graph IO names ----
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+TENANT_SLOTS = "tenant_slots"
+GATES = "gates"
+LOGITS = "logits"
+
+
+def past_key(i: int) -> str:
+    return f"past_key_values.{i}.key"
+
+
+def past_value(i: int) -> str:
+    return f"past_key_values.{i}.value"
+
+
+def present_key(i: int) -> str:
+    return f"present.{i}.key"
+
+
+def present_value(i: int) -> str:
+    return f"present.{i}.value"
+
+
+# ---- bank tensors (graph inputs; one slot pack holds one slot's slice, without the S axis) ----
+# Layout is the math layout (y = x @ A @ B) so the graphs need no Transpose per step; the
+# tenant's scale alpha / r is folded into lora_B and ranks are zero-padded to R (exact).
+MAX_RATIONAL_NUM = 7  # numerator coefficients, degree 6 (paper) ; (5, 4) is zero-padded
+MAX_RATIONAL_DEN = 5
+POOLER_CODES = {"attention": 0, "last": 1, "mean": 2, "max": 3}
+ACTIVATION_CODES = {"rational": 0, "gelu": 1, "relu": 2, "identity": 3}
+POSITION_CODES = {"post_pool": 0, "pre_pool": 1}
+GATE_MODE_CODES = {"paper": 0, "renormalized": 1}
+# Columns of slot.options [S, 6] int64.
+OPTION_COLUMNS = ("pooler", "activation", "activation_position", "gate_mode", "top_k", "routed")
+
+
+def lora_a_bank(module: str) -> str:
+    return f"lora_A.{module}"
+
+
+def lora_b_bank(module: str) -> str:
+    return f"lora_B.{module}"
+
+
+ROUTER_WEIGHT = "router.weight"
+ROUTER_POOLER = "router.pooler"
+ROUTER_ACT_NUM = "router.act_num"
+ROUTER_ACT_DEN = "router.act_den"
+SLOT_OPTIONS = "slot.options"
+SLOT_EXPERT_MASK = "slot.expert_mask"
+SLOT_FIXED_GATES = "slot.fixed_gates"
+ROUTER_BANKS = (ROUTER_WEIGHT, ROUTER_POOLER, ROUTER_ACT_NUM, ROUTER_ACT_DEN, SLOT_OPTIONS, SLOT_EXPERT_MASK,
+                SLOT_FIXED_GATES)
+
+
+def module_dims(base: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    d, hd = base["hidden_size"], base["head_dim"]
+    q_out, kv_out, inter = base["num_heads"] * hd, base["num_kv_heads"] * hd, base["intermediate_size"]
+    return {"q_proj": (d, q_out), "k_proj": (d, kv_out), "v_proj": (d, kv_out), "o_proj": (q_out, d),
+            "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
+
+
+def bank_specs(base: dict[str, Any], max_rank: int, lora_dtype: str) -> dict[str, dict[str, Any]]:
+    """Every bank tensor: name -> {shape (per slot, without S), dtype, graphs using it}."""
+    nl, d = base["num_layers"], base["hidden_size"]
+    specs: dict[str, dict[str, Any]] = {}
+    for m, (d_in, d_out) in module_dims(base).items():
+        specs[lora_a_bank(m)] = {"shape": [nl, d_in, max_rank], "dtype": lora_dtype, "graphs": ["prefill", "decode"]}
+        specs[lora_b_bank(m)] = {"shape": [nl, max_rank, d_out], "dtype": lora_dtype, "graphs": ["prefill", "decode"]}
+    router = {ROUTER_WEIGHT: [nl, d, NUM_EXPERTS], ROUTER_POOLER: [nl, d], ROUTER_ACT_NUM: [nl, MAX_RATIONAL_NUM],
+              ROUTER_ACT_DEN: [nl, MAX_RATIONAL_DEN], SLOT_EXPERT_MASK: [NUM_EXPERTS],
+              SLOT_FIXED_GATES: [NUM_EXPERTS]}
+    for name, shape in router.items():
+        specs[name] = {"shape": shape, "dtype": "float32", "graphs": ["prefill"]}
+    specs[SLOT_OPTIONS] = {"shape": [len(OPTION_COLUMNS)], "dtype": "int64", "graphs": ["prefill"]}
+    return specs
+
+
+def bank_names(graph: str) -> list[str]:
+    """Bank inputs of one graph, in graph-input order."""
+    names = [n for m in EXPERTS for n in (lora_a_bank(m), lora_b_bank(m))]
+    return names + list(ROUTER_BANKS) if graph == "prefill" else names
+
+
+# Dynamic axis names, shared by both graphs and the manifest.
+AXIS_BATCH, AXIS_SEQ, AXIS_PAST, AXIS_TOTAL, AXIS_SLOTS = "batch", "sequence", "past_sequence", "total_sequence", "slots"
+
+
+def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str) -> dict[str, list[dict[str, Any]]]:
+    """{'inputs': [...], 'outputs': [...]} each {name, shape (ints or axis names), dtype}."""
+    nl, hkv, hd, v = base["num_layers"], base["num_kv_heads"], base["head_dim"], base["vocab_size"]
+    b, t = AXIS_BATCH, AXIS_SEQ
+    kv_len = t if graph == "prefill" else AXIS_TOTAL
+    inputs = [{"name": INPUT_IDS, "shape": [b, t], "dtype": "int64"},
+              {"name": ATTENTION_MASK, "shape": [b, kv_len], "dtype": "int64"}]
+    if graph == "decode":
+        for i in range(nl):
+            for name in (past_key(i), past_value(i)):
+                inputs.append({"name": name, "shape": [b, hkv, AXIS_PAST, hd], "dtype": dtype})
+    inputs.append({"name": TENANT_SLOTS, "shape": [b], "dtype": "int64"})
+    if graph == "decode":
+        inputs.append({"name": GATES, "shape": [b, nl, NUM_EXPERTS], "dtype": "float32"})
+    specs = bank_specs(base, max_rank, dtype)
+    for name in bank_names(graph):
+        inputs.append({"name": name, "shape": [AXIS_SLOTS, *specs[name]["shape"]], "dtype": specs[name]["dtype"]})
+    outputs = [{"name": LOGITS, "shape": [b, t, v], "dtype": dtype}]
+    for i in range(nl):
+        for name in (present_key(i), present_value(i)):
+            outputs.append({"name": name, "shape": [b, hkv, kv_len, hd], "dtype": dtype})
+    if graph == "prefill":
+        outputs.append({"name": GATES, "shape": [b, nl, NUM_EXPERTS], "dtype": "float32"})
+    return {"inputs": inputs, "outputs": outputs}
+
+
+# ---- manifest.json ----
+# Top-level keys, in the order they are written. A runtime reads these and nothing else.
+MANIFEST_KEYS = ("format", "format_version", "tool_versions", "base", "experts", "dtype", "opset", "target",
+                 "lora_lowering", "max_rank", "max_top_k", "slots", "option_columns", "option_codes",
+                 "graphs", "banks", "tenants", "files")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under root except the manifest, keyed by relative POSIX path."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_FILE}
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    manifest = dict(manifest, files=file_hashes(root))
+    ordered = {k: manifest[k] for k in MANIFEST_KEYS}
+    (root / MANIFEST_FILE).write_text(json.dumps(ordered, indent=2) + "\n")
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{root} holds no {MANIFEST_FILE}; expected a directory written by milora-export")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); the file is corrupt: export again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{path} is not a milora-export manifest (format={manifest.get('format')!r} "
+                            f"if a dict), expected format {MANIFEST_FORMAT!r}")
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: format_version={manifest.get('format_version')!r}, this milora reads "
+                            f"{MANIFEST_VERSION}; export again with this version")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ManifestError(f"{path} lacks keys {missing}; the file is corrupt: export again")
+    return manifest
+
+
+def verify_files(root: str | Path, manifest: dict[str, Any]) -> None:
+    """Refuse a directory whose files differ from the manifest (missing, extra or changed)."""
+    root = Path(root)
+    actual = file_hashes(root)
+    expected = manifest["files"]
+    problems = [f"{n} is missing" for n in expected if n not in actual]
+    problems += [f"{n} is not listed in the manifest" for n in actual if n not in expected]
+    problems += [f"{n} changed (sha256 {actual[n][:12]}..., manifest {expected[n][:12]}...)"
+                 for n in expected if n in actual and actual[n] != expected[n]]
+    if problems:
+        raise ManifestError(f"{root} does not match its manifest: {'; '.join(problems)}. "
+                            "The directory was modified after export: export it again")
