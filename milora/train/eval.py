@@ -1,0 +1,169 @@
+"""Evaluation: accuracy on a task split, for the base model, a LoRA or a MiLoRA adapter.
+
+Multiple choice: each option is scored by its log-likelihood as the response to the
+question's prompt; routing is computed from the prompt only (the routing mask), exactly as
+at inference, so every option of a question sees the same experts. Math: greedy generation
+and extraction of the final number. Accuracy comes with a 95% percentile-bootstrap interval
+over questions; paired_bootstrap compares two systems on the same questions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from milora.errors import DataError
+from milora.train.data import Example
+from milora.train.encode import collate, encode, pad_id_of, prompt_ids
+
+NORMS = ("char", "token", "none")
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    n: int
+    correct: list[bool] = field(default_factory=list)  # per example, in input order (for pairing)
+    predictions: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"accuracy {100 * self.accuracy:.1f}% (95% CI {100 * self.ci_low:.1f}-{100 * self.ci_high:.1f}, n={self.n})"
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling items)."""
+    if not values:
+        return (math.nan, math.nan)
+    x = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(x), (n_boot, len(x)), generator=g)
+    means = x[idx].mean(dim=1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def paired_bootstrap(a: list[bool], b: list[bool], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Difference of accuracies mean(a) - mean(b) on the same items, with a 95% paired
+    bootstrap interval (the same resampled items for both systems)."""
+    if len(a) != len(b):
+        raise DataError(f"paired comparison needs results on the same items; got {len(a)} and {len(b)}")
+    diff = [float(x) - float(y) for x, y in zip(a, b)]
+    lo, hi = bootstrap_ci(diff, n_boot, seed)
+    return sum(diff) / len(diff), lo, hi
+
+
+def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, T, V] for a MiloraModel (routing on batch['routing_mask']) or a plain HF model."""
+    from milora.model.model import MiloraModel
+
+    if isinstance(model, MiloraModel):
+        return model(batch["input_ids"], batch["attention_mask"], routing_mask=batch["routing_mask"],
+                     use_cache=False).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+@torch.no_grad()
+def option_scores(model, tokenizer, ex: Example, chat: bool = True, max_length: int = 512,
+                  norm: str = "char") -> list[float]:
+    """Log-likelihood of each option as the response to ex.prompt, normalised by the option's
+    characters (norm='char'), tokens ('token') or not at all ('none')."""
+    if norm not in NORMS:
+        raise DataError(f"norm={norm!r}; expected one of {', '.join(NORMS)}")
+    if not ex.choices:
+        raise DataError(f"example {ex.key!r} has no choices; multiple-choice scoring needs them")
+    rows = [encode(tokenizer, ex, max_length, chat, response=opt, eos=False) for opt in ex.choices]
+    batch = collate(rows, pad_id_of(tokenizer))
+    logp = torch.log_softmax(_logits(model, batch).float(), dim=-1)  # [B, T, V]
+    target = batch["labels"][:, 1:]  # [B, T-1]: token t+1 predicted at t
+    scored = target != -100
+    tok_lp = logp[:, :-1].gather(-1, target.clamp(min=0)[..., None])[..., 0]  # [B, T-1]
+    total = torch.where(scored, tok_lp, 0.0).sum(dim=1)  # [B]
+    if norm == "token":
+        total = total / scored.sum(dim=1)
+    elif norm == "char":
+        total = total / torch.tensor([max(1, len(o)) for o in ex.choices], dtype=total.dtype)
+    return total.tolist()
+
+
+def evaluate_mc(model, tokenizer, examples: list[Example], chat: bool = True, max_length: int = 512,
+                norm: str = "char", progress: bool = False) -> EvalResult:
+    from tqdm.auto import tqdm
+
+    model.eval()
+    correct, preds = [], []
+    for ex in tqdm(examples, disable=not progress, desc="eval", unit="q"):
+        scores = option_scores(model, tokenizer, ex, chat, max_length, norm)
+        best = max(range(len(scores)), key=scores.__getitem__)
+        correct.append(best == ex.answer_index)
+        preds.append(ex.choices[best])
+    return _result(correct, preds)
+
+
+_ANSWER_RE = re.compile(r"answer is\s*:?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def extract_number(text: str) -> str | None:
+    """The final answer of a math response: the number after 'answer is', else the last number."""
+    m = _ANSWER_RE.findall(text)
+    found = m[-1] if m else (_NUMBER_RE.findall(text) or [None])[-1]
+    return None if found is None else found.replace(",", "").rstrip(".")
+
+
+def same_number(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        return math.isclose(float(a), float(b.replace(",", "")), rel_tol=0, abs_tol=1e-6)
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+@torch.no_grad()
+def evaluate_math(model, tokenizer, examples: list[Example], chat: bool = True, max_new_tokens: int = 256,
+                  batch_size: int = 8, progress: bool = False) -> EvalResult:
+    """Greedy generation; correct when the extracted number equals the example's answer."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    pad = pad_id_of(tokenizer)
+    correct, preds = [], []
+    for i in tqdm(range(0, len(examples), batch_size), disable=not progress, desc="eval", unit="batch"):
+        chunk = examples[i:i + batch_size]
+        prompts = [prompt_ids(tokenizer, e.prompt, chat) for e in chunk]
+        t = max(len(p) for p in prompts)
+        ids = torch.full((len(chunk), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), t), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[r, t - len(p):] = torch.tensor(p)
+            mask[r, t - len(p):] = 1
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for r, e in enumerate(chunk):
+            text = tokenizer.decode(out[r, t:], skip_special_tokens=True)
+            preds.append(text)
+            correct.append(same_number(extract_number(text), e.answer))
+    return _result(correct, preds)
+
+
+def _result(correct: list[bool], preds: list[str]) -> EvalResult:
+    if not correct:
+        raise DataError("nothing to evaluate: the example list is empty")
+    lo, hi = bootstrap_ci([float(c) for c in correct])
+    return EvalResult(sum(correct) / len(correct), lo, hi, len(correct), correct, preds)
+
+
+def evaluate(model, tokenizer, examples: list[Example], chat: bool = True, progress: bool = False,
+             max_new_tokens: int = 256, norm: str = "char", max_length: int = 512) -> EvalResult:
+    """Multiple choice when the examples have choices, else math generation."""
+    if all(e.choices for e in examples):
+        return evaluate_mc(model, tokenizer, examples, chat, max_length, norm, progress)
+    if all(e.answer is not None for e in examples):
+        return evaluate_math(model, tokenizer, examples, chat, max_new_tokens, progress=progress)
+    raise DataError("cannot evaluate: examples need either 'choices' + 'answer_index' (multiple choice) "
+                    "or 'answer' (math) on every item")
