@@ -161,7 +161,10 @@ class MiloraRouter(nn.Module):
                 "least one (check attention_mask / routing_mask)"
             )
         cfg = self.config
-        h = hidden.float()  # [B, T, d]
+        # Select, up front, 0 in place of masked positions: the forward excludes them in pool()
+        # anyway, but inf/nan left there would reach the backward (0 * inf = nan in the grads of
+        # the pooler and rational coefficients). pool() still masks: R(0) != 0 in pre_pool mode.
+        h = torch.where(mask[..., None], hidden.float(), 0.0)  # [B, T, d]
         if cfg.activation_position == "pre_pool":
             h = activate(h, cfg.activation, self.act_num, self.act_den)  # masked inside pool
             pooled = pool(h, mask, cfg.pooler, self.pooler)  # [B, d]
