@@ -301,3 +301,17 @@ def test_router_runs_in_fp32_on_fp16_input_that_would_overflow_fp16():
     assert logits.dtype == gates.dtype == probs.dtype == torch.float32
     r = hand_rational(12.0)
     assert logits[0].tolist() == pytest.approx([r * sum(w) for w in W_R], rel=1e-5)
+
+
+@pytest.mark.parametrize("position", ["post_pool", "pre_pool"])
+@pytest.mark.parametrize("pooler", ["attention", "last", "mean", "max"])
+def test_masked_garbage_does_not_poison_gradients(pooler, position):
+    # Training backpropagates through the router: inf/nan in masked slots must not turn the
+    # pooler's or the rational coefficients' gradients into nan (0 * inf = nan in a backward).
+    router = make_router(pooler=pooler, activation="rational", activation_position=position, top_k=2).train()
+    hidden = torch.tensor(HIDDEN, requires_grad=True)
+    gates, probs, logits = router(hidden, torch.tensor(MASK))
+    (gates.sum() + probs[:, 0].sum() + logits.pow(2).sum()).backward()
+    for name, p in router.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert torch.isfinite(hidden.grad[torch.tensor(MASK)]).all()
