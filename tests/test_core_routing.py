@@ -272,3 +272,48 @@ def test_left_padded_decode_loop_matches_each_prompt_alone(builder):
             solo = model.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long), max_new_tokens=5,
                                   do_sample=False, **NO_EOS)
             assert torch.equal(seq[i, -(len(r) + 5):], solo[0])
+
+
+@pytest.mark.parametrize("kind", ["switch", "cv2"])
+def test_forward_loss_adds_load_balancing_over_layers(kind):
+    # loss = lm_loss + lb_coef * mean over layers of L_lb(router probabilities of the prompts).
+    model = tenant(19, top_k=2, lb_loss=kind, lb_coef=0.25)
+    seen = []
+    for r in model.routers:
+        r.register_forward_hook(lambda mod, args, out: seen.append(out[1].detach().double().tolist()))
+    ids = prompts(18, 4, 6)
+    out = model(ids, labels=ids)
+    assert len(seen) == LAYERS
+
+    def switch(p):
+        e = len(p[0])
+        top = [max(range(e), key=lambda i: (row[i], -i)) for row in p]
+        return e * sum(sum(t == i for t in top) / len(p) * sum(row[i] for row in p) / len(p) for i in range(e))
+
+    def cv2(p):
+        imp = [sum(row[i] for row in p) for i in range(len(p[0]))]
+        mean = sum(imp) / len(imp)
+        return sum((x - mean) ** 2 for x in imp) / (len(imp) - 1) / mean**2
+
+    fn = switch if kind == "switch" else cv2
+    expected_lb = sum(fn(p) for p in seen) / LAYERS
+    assert out.lb_loss.item() == pytest.approx(expected_lb, rel=1e-5)
+    assert out.loss.item() == pytest.approx(out.lm_loss.item() + 0.25 * expected_lb, rel=1e-6)
+    out.loss.backward()
+    assert model.routers[0].weight.grad is not None and model.routers[0].weight.grad.abs().sum() > 0
+    # Decode (routing given) runs no router: no load-balancing term.
+    assert model(ids, routing=out.routing, labels=ids).lb_loss is None
+
+
+def test_unrouted_tenant_has_fixed_gates_of_one():
+    model = tenant(20, routed=False, target_modules=("q_proj", "v_proj", "down_proj"))
+    assert model.routers is None
+    ids = prompts(19, 2, 5)
+    with torch.no_grad():
+        out = model(ids)
+        expected = torch.zeros(2, LAYERS, 7)
+        expected[:, :, [0, 2, 6]] = 1.0
+        assert torch.equal(out.routing.gates, expected)
+        assert out.lb_loss is None
+        seqs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, **NO_EOS)
+        assert seqs.shape == (2, 8)
