@@ -154,7 +154,7 @@ def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str) -> dic
 # Top-level keys, in the order they are written. A runtime reads these and nothing else.
 MANIFEST_KEYS = ("format", "format_version", "tool_versions", "base", "experts", "dtype", "opset", "target",
                  "lora_lowering", "max_rank", "max_top_k", "slots", "option_columns", "option_codes",
-                 "graphs", "banks", "tenants", "files")
+                 "graphs", "banks", "tenants", "source", "validation", "export_seconds", "files")
 
 
 def sha256_file(path: Path) -> str:

@@ -1,0 +1,79 @@
+"""milora-export: thin argument parsing over milora.export.exporter (docs/export.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from milora.errors import MiloraError
+from milora.export.lowering import DEFAULT_LOWERING, LOWERINGS
+
+EXIT_USER_ERROR = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="milora-export",
+        description="Export a base model and its MiLoRA / PEFT / reference-code adapters to prefill + decode "
+                    "ONNX graphs with multi-tenant adapter banks, validated against PyTorch.")
+    p.add_argument("model_dir", nargs="?", type=Path, help="Hugging Face model directory (adapters at its root "
+                   "and/or in adapters/<tenant>/)")
+    p.add_argument("out_dir", nargs="?", type=Path, help="output directory (must be empty unless --force)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="add tenant NAME from adapter DIR (MiLoRA, PEFT LoRA or reference-code checkpoint)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="graph dtype (routers stay fp32)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--slots", type=int, default=None, help="adapter slots incl. slot 0 (default: tenants + 1)")
+    p.add_argument("--lora-lowering", default=DEFAULT_LOWERING, choices=LOWERINGS,
+                   help=f"routed-LoRA lowering for onnxruntime (default {DEFAULT_LOWERING}, chosen by measurement)")
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation against PyTorch")
+    p.add_argument("--python-op", action="store_true",
+                   help="validate a --target tensorrt graph with the Python RoutedLora (fp32) instead of its "
+                        "function body")
+    p.add_argument("--decode-steps", type=int, default=3, help="decode steps checked by the validation")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--check", type=Path, metavar="OUT_DIR", help="verify an exported directory (sha256 of every "
+                   "file) and re-validate it against PyTorch when its sources still exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _adapters(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, d = item.partition("=")
+        if not sep or not name or not d:
+            raise MiloraError(f"--adapter {item!r} is malformed; expected NAME=DIR, e.g. --adapter acme=./acme")
+        out[name] = Path(d)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        from milora.export.exporter import ExportOptions, check, export
+
+        if args.check is not None:
+            result = check(args.check, validate=args.validate, python_op=args.python_op,
+                           decode_steps=args.decode_steps)
+            print(json.dumps(result, indent=2))
+            return 0
+        if args.model_dir is None or args.out_dir is None:
+            raise MiloraError("MODEL_DIR and OUT_DIR are required (or --check OUT_DIR)")
+        opts = ExportOptions(dtype=args.dtype, opset=args.opset, slots=args.slots, lora_lowering=args.lora_lowering,
+                             target=args.target, validate=args.validate, force=args.force,
+                             decode_steps=args.decode_steps, python_op=args.python_op, progress=not args.quiet)
+        manifest = export(args.model_dir, args.out_dir, _adapters(args.adapter), opts)
+        print(f"exported {len(manifest['tenants'])} tenant(s) to {args.out_dir} in {manifest['export_seconds']} s; "
+              f"validation: {json.dumps(manifest['validation'])}")
+        return 0
+    except MiloraError as exc:
+        print(f"milora-export: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""milora-export as a Python API: export() writes OUT_DIR atomically; check() re-validates one.
+
+    export(model_dir, out_dir, adapters={"acme": "path"}, dtype="float32")
+    check(out_dir)     # refuses tampered files; re-runs validation when the sources exist
+
+OUT_DIR:
+    manifest.json                the contract (milora.export.manifest)
+    prefill.onnx(.data)          router + prefill, gates out
+    decode.onnx(.data)           decode, gates in, no router
+    adapters/<tenant>.safetensors one slot pack per tenant
+    tokenizer files              copied from MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from milora.errors import ExportError, MiloraError
+from milora.export import manifest as mf
+from milora.export.banks import build_pack, save_pack, tenant_options
+from milora.export.lowering import DEFAULT_LOWERING, LOWERINGS
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
+TARGETS = ("onnxruntime", "tensorrt")
+DEFAULT_OPSET = 18
+VALIDATION_TEXTS = ("The capital of France is", "def fibonacci(n):\n    return",
+                    "Question: what is 12 times 7? Answer:", "Once upon a time")
+
+
+@dataclass
+class ExportOptions:
+    dtype: str = "float32"
+    opset: int = DEFAULT_OPSET
+    slots: int | None = None  # default: tenants + 1
+    lora_lowering: str = DEFAULT_LOWERING
+    target: str = "onnxruntime"
+    validate: bool = True
+    force: bool = False
+    decode_steps: int = 3
+    python_op: bool = False  # validate a tensorrt-target graph with the Python op (float32)
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ExportError(f"dtype {self.dtype!r} is not supported; expected fp32 or fp16")
+        self.dtype = DTYPES[self.dtype]
+        if self.lora_lowering not in LOWERINGS:
+            raise ExportError(f"--lora-lowering {self.lora_lowering!r}; expected one of {', '.join(LOWERINGS)}")
+        if self.target not in TARGETS:
+            raise ExportError(f"--target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        if not 14 <= self.opset <= 20:
+            raise ExportError(f"--opset {self.opset} is out of range; expected 14..20 (default {DEFAULT_OPSET})")
+        if self.slots is not None and self.slots < 1:
+            raise ExportError(f"--slots {self.slots}; expected at least 1 (slot 0 is the base model)")
+
+
+def load_base(model_dir: Path, dtype: str):
+    """The HF causal LM in model_dir, as torch dtype; clear errors for missing/corrupt files."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not model_dir.is_dir():
+        raise ExportError(f"MODEL_DIR {model_dir} does not exist; expected a Hugging Face model directory")
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir} has no config.json; expected a Hugging Face model directory "
+                          "(config.json + weights)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ExportError(f"{model_dir}/config.json cannot be read ({str(exc).splitlines()[0]})") from None
+    from milora.model.inject import KNOWN_ARCHITECTURES
+    from milora.errors import UnsupportedModelError
+
+    archs = getattr(config, "architectures", None) or [type(config).__name__]
+    if archs[0] not in KNOWN_ARCHITECTURES:
+        raise UnsupportedModelError(f"{model_dir} holds a {archs[0]}; milora-export supports "
+                                    f"{', '.join(KNOWN_ARCHITECTURES)}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad weights file
+        raise ExportError(f"cannot load the model weights in {model_dir} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); the files are missing or corrupt") from None
+    return model.eval()
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"OUT_DIR {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"OUT_DIR {out_dir} is not empty; choose another directory or pass --force to replace it")
+
+
+def export(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, str | Path] | None = None,
+           options: ExportOptions | None = None, **kwargs) -> dict[str, Any]:
+    """Export MODEL_DIR (+ adapters) to OUT_DIR; returns the manifest. Atomic: the work happens
+    in a temporary sibling directory renamed at the end, removed on failure."""
+    opts = options or ExportOptions(**kwargs)
+    opts.check()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    _check_out_dir(out_dir, opts.force)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        manifest = _export_into(model_dir, tmp, {k: Path(v) for k, v in (adapters or {}).items()}, opts)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _steps(opts: ExportOptions, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="milora-export", unit="step", disable=not opts.progress, leave=False)
+
+
+def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: ExportOptions) -> dict[str, Any]:
+    from milora.export.bank_model import BankModel, check_supported
+    from milora.export.onnx_export import export_graph
+    from milora.export.tenants import load_tenants
+    from milora.model.inject import base_info
+
+    started = time.time()
+    bar = _steps(opts, 6 if opts.validate else 5)
+    bar.set_postfix_str("loading model and adapters")
+    hf = load_base(model_dir, opts.dtype)
+    check_supported(hf)
+    base = dict(base_info(hf), max_position_embeddings=getattr(hf.config, "max_position_embeddings", None))
+    tenants = load_tenants(model_dir, adapters, base)
+    slots = opts.slots or len(tenants) + 1
+    if len(tenants) > slots - 1:
+        raise ExportError(f"{len(tenants)} tenants ({', '.join(t.name for t in tenants)}) do not fit in {slots} "
+                          f"slots (slot 0 is the base model, so at most {slots - 1} tenants); pass --slots "
+                          f"{len(tenants) + 1} or more")
+    max_rank = max([t.config.rank for t in tenants] or [1])
+    bar.update()
+    manifest = _manifest(model_dir, base, tenants, slots, max_rank, opts)
+    (tmp / mf.PACK_DIR).mkdir()
+    for t in tenants:
+        save_pack(tmp / manifest["tenants"][t.name]["pack"], build_pack(t.config, t.tensors, base, max_rank, opts.dtype))
+    bar.update()
+    core = BankModel(hf).eval()
+    lowering = "tensorrt" if opts.target == "tensorrt" else opts.lora_lowering
+    for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
+        bar.set_postfix_str(f"exporting {graph}")
+        export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering)
+        bar.update()
+    for name in mf.TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, tmp / name)
+    manifest["export_seconds"] = round(time.time() - started, 2)
+    if opts.validate:
+        bar.set_postfix_str("validating against PyTorch")
+        manifest["validation"] = run_validation(tmp, manifest, hf, tenants, opts)
+        bar.update()
+    bar.update()
+    bar.close()
+    mf.write_manifest(tmp, manifest)
+    return mf.read_manifest(tmp)
+
+
+def run_validation(root: Path, manifest: dict, hf, tenants, opts: ExportOptions) -> dict[str, Any]:
+    from milora.export.validate import default_cases, real_prompts, validate
+
+    real = real_prompts(root / "tokenizer.json", VALIDATION_TEXTS)
+    cases = default_cases([t.name for t in tenants], manifest["base"]["vocab_size"], opts.decode_steps, real)
+    report = validate(root, manifest, hf, {t.name: t for t in tenants}, cases, python_op=opts.python_op)
+    return dict(report.summary(), decode_steps=opts.decode_steps, cases=len(cases),
+                backend="onnxruntime" + (" + python RoutedLora" if opts.python_op else ""))
+
+
+def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: int, opts: ExportOptions) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    import milora
+    from milora.contract import EXPERTS
+
+    graphs = {}
+    for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
+        graphs[graph] = dict(file=file, data_file=file + ".data", **mf.graph_io(graph, base, max_rank, opts.dtype))
+    tenant_info = {}
+    for slot, t in enumerate(tenants, start=1):
+        tenant_info[t.name] = {"slot": slot, "pack": f"{mf.PACK_DIR}/{t.name}.safetensors", "kind": t.kind,
+                               "source": str(t.source.resolve()), "options": tenant_options(t.config),
+                               "config": t.config.to_json_dict(base)}
+    return {
+        "format": mf.MANIFEST_FORMAT, "format_version": mf.MANIFEST_VERSION,
+        "tool_versions": {"milora": milora.__version__, "torch": torch.__version__,
+                          "transformers": transformers.__version__, "onnx": onnx.__version__,
+                          "onnxruntime": onnxruntime.__version__},
+        "base": base, "experts": list(EXPERTS), "dtype": opts.dtype, "opset": opts.opset, "target": opts.target,
+        "lora_lowering": "plugin" if opts.target == "tensorrt" else opts.lora_lowering, "max_rank": max_rank,
+        "max_top_k": max([t.config.top_k for t in tenants if t.config.routed] or [0]), "slots": slots,
+        "option_columns": list(mf.OPTION_COLUMNS),
+        "option_codes": {"pooler": mf.POOLER_CODES, "activation": mf.ACTIVATION_CODES,
+                         "activation_position": mf.POSITION_CODES, "gate_mode": mf.GATE_MODE_CODES},
+        "graphs": graphs, "banks": mf.bank_specs(base, max_rank, opts.dtype), "tenants": tenant_info,
+        "source": {"model_dir": str(model_dir.resolve()), "adapters": {t.name: str(t.source.resolve()) for t in tenants}},
+        "validation": None, "export_seconds": None,
+    }
+
+
+def check(out_dir: str | Path, validate: bool = True, python_op: bool = False, decode_steps: int = 3) -> dict[str, Any]:
+    """Refuse an OUT_DIR whose files differ from its manifest (sha256), then re-run the
+    validation against PyTorch when the recorded sources (model dir, adapters) still exist."""
+    from milora.export.tenants import load_tenant
+
+    out_dir = Path(out_dir)
+    manifest = mf.read_manifest(out_dir)
+    mf.verify_files(out_dir, manifest)
+    result: dict[str, Any] = {"files": len(manifest["files"]), "sha256": "ok"}
+    src = manifest["source"]
+    missing = [p for p in [src["model_dir"], *src["adapters"].values()] if not Path(p).exists()]
+    if not validate or missing:
+        result["validation"] = "skipped" if not validate else f"skipped: sources missing ({', '.join(missing)})"
+        return result
+    hf = load_base(Path(src["model_dir"]), manifest["dtype"])
+    tenants = [load_tenant(n, Path(p), manifest["base"]) for n, p in src["adapters"].items()]
+    opts = ExportOptions(dtype=manifest["dtype"], decode_steps=decode_steps, python_op=python_op)
+    result["validation"] = run_validation(out_dir, manifest, hf, tenants, opts)
+    return result
+
+
+__all__ = ["ExportOptions", "MiloraError", "check", "export"]

@@ -1,0 +1,281 @@
+"""Validation of exported graphs against the PyTorch reference (milora.model).
+
+Each row of a case is run alone through its tenant's MiloraModel on its unpadded prompt
+(slot 0 rows through the bare HF model), then N decode steps with given tokens. The graphs
+run the same rows as one left-padded batch of mixed tenants: prefill, then N decode steps
+fed with the graph's own gates and presents. Compared, real positions only:
+    gates        expert selections equal wherever the reference margin between the k-th and
+                 (k+1)-th router logit exceeds TOLERANCES[dtype]["margin"]; a row whose
+                 selection differs only at near-ties is reported and not compared further
+    gates, logits (prefill and every decode step), present.* (prefill and last step)
+                 |graph - ref| <= atol + rtol * |ref|   (TOLERANCES[dtype][kind])
+Every mismatch is collected (output name, row, max error, bound), then one ValidationError.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from milora.contract import EXPERT_INDEX, NUM_EXPERTS
+from milora.errors import ValidationError
+from milora.export import manifest as mf
+from milora.export.banks import assemble_banks, default_slots
+
+# (atol, rtol) per output kind and the router-margin tolerance, keyed by export dtype.
+TOLERANCES: dict[str, dict[str, Any]] = {
+    "float32": {"logits": (2e-4, 1e-4), "present": (1e-4, 1e-4), "gates": (1e-5, 1e-4), "margin": 1e-4},
+    "float16": {"logits": (6e-2, 2e-2), "present": (3e-2, 2e-2), "gates": (4e-3, 1e-2), "margin": 2e-2},
+}
+PAD_ID = 0
+
+
+@dataclass
+class Row:
+    tenant: str | None  # None: slot 0, the base model
+    prompt: list[int]
+    decode: list[int]  # tokens fed at each decode step (teacher forcing)
+
+
+@dataclass
+class RowRef:
+    logits: np.ndarray  # [T, V]
+    kv: list[np.ndarray]  # 2L x [Hkv, T, D]
+    gates: np.ndarray  # [L, 7]
+    margins: np.ndarray  # [L] k-th minus (k+1)-th router logit; inf where not routed
+    decode_logits: list[np.ndarray] = field(default_factory=list)  # N x [V]
+    final_kv: list[np.ndarray] = field(default_factory=list)  # 2L x [Hkv, T+N, D]
+
+
+@dataclass
+class Report:
+    max_error: dict[str, float] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+    near_ties: int = 0
+    compared_selections: int = 0
+    skipped_rows: list[str] = field(default_factory=list)
+
+    def check(self, name: str, got: np.ndarray, ref: np.ndarray, tol: tuple[float, float], where: str) -> None:
+        got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+        err = np.abs(got - ref)
+        bound = tol[0] + tol[1] * np.abs(ref)
+        worst = float(err.max()) if err.size else 0.0
+        self.max_error[name] = max(self.max_error.get(name, 0.0), worst)
+        if not np.all(err <= bound) or not np.all(np.isfinite(got)):
+            self.mismatches.append(f"{name} ({where}): max error {worst:.3g}, allowed {tol[0]:g} + {tol[1]:g}*|ref|")
+
+    def summary(self) -> dict[str, Any]:
+        return {"max_error": {k: float(f"{v:.3g}") for k, v in sorted(self.max_error.items())},
+                "near_ties": self.near_ties, "compared_selections": self.compared_selections,
+                "skipped_rows": self.skipped_rows}
+
+
+def _router_logits(model) -> tuple[list, list]:
+    """Hooks recording each layer router's logits; returns (handles, per-layer list)."""
+    seen: list[torch.Tensor] = []
+    handles = [r.register_forward_hook(lambda mod, args, out: seen.append(out[2].detach())) for r in model.routers]
+    return handles, seen
+
+
+def _margins(logits: list[torch.Tensor], k: int, num_layers: int) -> np.ndarray:
+    out = np.full(num_layers, np.inf)
+    for l, z in enumerate(logits):
+        z = torch.sort(z[0].double(), descending=True).values
+        if k < z.shape[0]:
+            out[l] = float(z[k - 1] - z[k])
+    return out
+
+
+def _kv(cache, num_layers: int) -> list[np.ndarray]:
+    return [t[0].float().numpy().copy() for i in range(num_layers) for t in cache[i]]
+
+
+@torch.no_grad()
+def reference_rows(hf_model, tenants: dict[str, Any], rows: list[Row]) -> list[RowRef]:
+    """Run every row alone through its tenant's reference model (grouped: one model at a time)."""
+    from milora.model.model import MiloraModel
+
+    nl = hf_model.config.num_hidden_layers
+    refs: list[RowRef | None] = [None] * len(rows)
+    for name in dict.fromkeys(r.tenant for r in rows):
+        if name is None:
+            model, t = hf_model, None
+        else:
+            t = tenants[name]
+            model = MiloraModel(copy.deepcopy(hf_model), t.config).eval()
+            model.load_adapter_state_dict(t.tensors, where=f"tenant {name}")
+        for i, row in enumerate(rows):
+            if row.tenant == name:
+                refs[i] = _reference_row(model, t, row, nl)
+        del model
+    return refs  # type: ignore[return-value]
+
+
+def _reference_row(model, tenant, row: Row, nl: int) -> RowRef:
+    ids = torch.tensor([row.prompt])
+    if tenant is None:  # the bare HF model: slot 0
+        out = model(input_ids=ids, use_cache=True)
+        gates, margins, routing = np.zeros((nl, NUM_EXPERTS)), np.full(nl, np.inf), None
+    else:
+        handles, seen = _router_logits(model) if tenant.config.routed else ([], [])
+        out = model(ids)
+        for h in handles:
+            h.remove()
+        routing, gates = out.routing, out.routing.gates[0].numpy()
+        margins = _margins(seen, tenant.config.top_k, nl) if seen else np.full(nl, np.inf)
+    ref = RowRef(out.logits[0].float().numpy(), _kv(out.past_key_values, nl), gates, margins)
+    cache = out.past_key_values
+    for tok in row.decode:
+        step = torch.tensor([[tok]])
+        out = model(input_ids=step, past_key_values=cache, use_cache=True) if tenant is None else \
+            model(step, routing=routing, past_key_values=cache)
+        cache = out.past_key_values
+        ref.decode_logits.append(out.logits[0, -1].float().numpy())
+    ref.final_kv = _kv(cache, nl)
+    return ref
+
+
+def sessions(root: Path, manifest: dict[str, Any], python_op: bool = False) -> dict[str, Any]:
+    """onnxruntime sessions of both graphs; python_op registers the Python RoutedLora."""
+    import onnxruntime as ort
+
+    opts = None
+    if python_op:
+        from milora.export.pyop import with_python_op
+
+        opts = with_python_op()
+    return {g: ort.InferenceSession(str(root / manifest["graphs"][g]["file"]), sess_options=opts,
+                                    providers=["CPUExecutionProvider"]) for g in ("prefill", "decode")}
+
+
+def run_graphs(root: Path, manifest: dict[str, Any], rows: list[Row], sess: dict[str, Any]) -> dict[str, Any]:
+    """Prefill the rows as one left-padded batch, then decode len(rows[0].decode) steps."""
+    slots = default_slots(manifest)
+    banks = assemble_banks(root, manifest, slots)
+    slot_of = {name: s for s, name in enumerate(slots) if name is not None}
+    nl, b = manifest["base"]["num_layers"], len(rows)
+    t = max(len(r.prompt) for r in rows)
+    ids = np.full((b, t), PAD_ID, np.int64)
+    mask = np.zeros((b, t), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r.prompt):], mask[i, t - len(r.prompt):] = r.prompt, 1
+    tenant_slots = np.array([0 if r.tenant is None else slot_of[r.tenant] for r in rows], np.int64)
+    feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: tenant_slots}
+    out = _run(sess["prefill"], feeds, banks, "prefill")
+    res = {"mask": mask, "prefill": out, "decode": []}
+    past, gates = out, out[mf.GATES]
+    for step in range(len(rows[0].decode)):
+        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+        feeds = {mf.INPUT_IDS: np.array([[r.decode[step]] for r in rows], np.int64), mf.ATTENTION_MASK: mask,
+                 mf.TENANT_SLOTS: tenant_slots, mf.GATES: gates}
+        for i in range(nl):
+            feeds[mf.past_key(i)], feeds[mf.past_value(i)] = past[mf.present_key(i)], past[mf.present_value(i)]
+        past = _run(sess["decode"], feeds, banks, "decode")
+        res["decode"].append(past)
+    res["final_mask"] = mask
+    return res
+
+
+def _run(session, feeds: dict[str, np.ndarray], banks: dict[str, np.ndarray], graph: str) -> dict[str, np.ndarray]:
+    feeds = dict(feeds, **{n: banks[n] for n in mf.bank_names(graph)})
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def _selection_ok(report: Report, i: int, row: Row, got: np.ndarray, ref: RowRef, margin_tol: float) -> bool:
+    """Compare expert selections where the reference margin is clear; False if the row's
+    selection differs at a near-tie (the row is then skipped, and reported)."""
+    flipped = False
+    for l in range(got.shape[0]):
+        same = np.array_equal(got[l] != 0, ref.gates[l] != 0)
+        if ref.margins[l] > margin_tol:
+            report.compared_selections += 1
+            if not same:
+                report.mismatches.append(
+                    f"gates (row {i}, tenant {row.tenant}, layer {l}): graph selects experts "
+                    f"{np.flatnonzero(got[l]).tolist()}, reference {np.flatnonzero(ref.gates[l]).tolist()} "
+                    f"(reference margin {ref.margins[l]:.3g} > {margin_tol:g})")
+        else:
+            report.near_ties += 1
+            flipped |= not same
+    if flipped:
+        report.skipped_rows.append(f"row {i} ({row.tenant}): selection differs at a near-tie")
+    return not flipped
+
+
+def compare(rows: list[Row], refs: list[RowRef], res: dict[str, Any], dtype: str, nl: int) -> Report:
+    tol, report = TOLERANCES[dtype], Report()
+    t = res["mask"].shape[1]
+    for i, (row, ref) in enumerate(zip(rows, refs)):
+        n, where = len(row.prompt), f"row {i}, tenant {row.tenant}"
+        pre = res["prefill"]
+        if not _selection_ok(report, i, row, pre[mf.GATES][i], ref, tol["margin"]):
+            continue
+        report.check(mf.GATES, pre[mf.GATES][i], ref.gates, tol["gates"], where)
+        report.check(f"prefill/{mf.LOGITS}", pre[mf.LOGITS][i, t - n:], ref.logits, tol["logits"], where)
+        names = [x for l in range(nl) for x in (mf.present_key(l), mf.present_value(l))]
+        for name, kv in zip(names, ref.kv):
+            report.check(f"prefill/{name}", pre[name][i][:, t - n:], kv, tol["present"], where)
+        for s, out in enumerate(res["decode"]):
+            report.check(f"decode/{mf.LOGITS}", out[mf.LOGITS][i, -1], ref.decode_logits[s], tol["logits"],
+                         f"{where}, step {s}")
+        if res["decode"]:
+            real = res["final_mask"][i].astype(bool)
+            for name, kv in zip(names, ref.final_kv):
+                report.check(f"decode/{name}", res["decode"][-1][name][i][:, real], kv, tol["present"], where)
+    return report
+
+
+def validate(root: Path, manifest: dict[str, Any], hf_model, tenants: dict[str, Any], cases: list[list[Row]],
+             python_op: bool = False) -> Report:
+    """Run every case through the graphs in root and the reference; raise ValidationError
+    listing every mismatch, or return the report (max errors, near-ties)."""
+    sess = sessions(Path(root), manifest, python_op)
+    nl, total = manifest["base"]["num_layers"], Report()
+    for rows in cases:
+        refs = reference_rows(hf_model, tenants, rows)
+        rep = compare(rows, refs, run_graphs(Path(root), manifest, rows, sess), manifest["dtype"], nl)
+        for k, v in rep.max_error.items():
+            total.max_error[k] = max(total.max_error.get(k, 0.0), v)
+        total.mismatches += rep.mismatches
+        total.near_ties += rep.near_ties
+        total.compared_selections += rep.compared_selections
+        total.skipped_rows += rep.skipped_rows
+    if total.mismatches:
+        shown = "\n  ".join(total.mismatches[:20])
+        more = f"\n  ... and {len(total.mismatches) - 20} more" if len(total.mismatches) > 20 else ""
+        raise ValidationError(f"the exported graphs disagree with the PyTorch reference "
+                              f"({len(total.mismatches)} mismatches, dtype {manifest['dtype']}):\n  {shown}{more}\n"
+                              "This is a bug in the exporter or a tolerance too tight for this model: report it "
+                              "with the output above")
+    return total
+
+
+def default_cases(tenant_names: list[str], vocab: int, decode_steps: int, real: list[list[int]] | None = None,
+                  seed: int = 0) -> list[list[Row]]:
+    """Two mixed batches: every tenant plus a base row (real prompts when given, one prompt of
+    length 1), then random prompts in reverse tenant order (at most 4 rows)."""
+    rng = np.random.default_rng(seed)
+    order: list[str | None] = [None, *tenant_names]
+    rnd = lambda n: rng.integers(3, vocab, n).tolist()  # noqa: E731
+    prompts = [list(p) for p in (real or [])]
+    first = []
+    for j, name in enumerate(order):
+        p = prompts[j % len(prompts)] if prompts else rnd(2 + 3 * j % 7)
+        first.append(Row(name, p[:1] if j == 1 else p, rnd(decode_steps)))
+    second = [Row(name, rnd(3 + 2 * j), rnd(decode_steps)) for j, name in enumerate(reversed(order[-4:]))]
+    return [first, second]
+
+
+def real_prompts(tokenizer_file: Path, texts: tuple[str, ...]) -> list[list[int]] | None:
+    if not tokenizer_file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    return [tok.encode(t).ids for t in texts]
