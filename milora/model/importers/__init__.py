@@ -30,7 +30,9 @@ def _to_model(base_model: nn.Module, adapter: ImportedAdapter, where: str, dtype
 
     model = MiloraModel(base_model, adapter.config, dtype=dtype)
     model.load_adapter_state_dict(adapter.tensors, where=where)
-    return model
+    # Eval mode, as Hugging Face's from_pretrained returns: a fresh nn.Module is in training
+    # mode, where an imported noisy gate would add noise to the routing. Call .train() to fine-tune.
+    return model.eval()
 
 
 def load_peft_adapter(base_model: nn.Module, peft_dir: str | Path, dtype: torch.dtype | None = None):
