@@ -17,7 +17,7 @@ import torch
 
 from milora.errors import DataError
 from milora.train.data import Example
-from milora.train.encode import collate, encode, pad_id_of, prompt_ids
+from milora.train.encode import pad_id_of, prompt_ids
 
 NORMS = ("char", "token", "none")
 
@@ -57,37 +57,53 @@ def paired_bootstrap(a: list[bool], b: list[bool], n_boot: int = 2000, seed: int
     return sum(diff) / len(diff), lo, hi
 
 
-def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, T, V] for a MiloraModel (routing on batch['routing_mask']) or a plain HF model."""
+def _call(model, ids, mask, routing_mask=None, routing=None, past=None):
+    """(logits [B, T, V], routing or None, cache) for a MiloraModel or a plain HF model."""
     from milora.model.model import MiloraModel
 
     if isinstance(model, MiloraModel):
-        return model(batch["input_ids"], batch["attention_mask"], routing_mask=batch["routing_mask"],
-                     use_cache=False).logits
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        out = model(ids, mask, routing=routing, routing_mask=routing_mask, past_key_values=past, use_cache=True)
+        return out.logits, out.routing, out.past_key_values
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+    return out.logits, None, out.past_key_values
 
 
 @torch.no_grad()
 def option_scores(model, tokenizer, ex: Example, chat: bool = True, max_length: int = 512,
                   norm: str = "char") -> list[float]:
     """Log-likelihood of each option as the response to ex.prompt, normalised by the option's
-    characters (norm='char'), tokens ('token') or not at all ('none')."""
+    characters (norm='char'), tokens ('token') or not at all ('none').
+
+    The prompt runs once (routing computed from it, KV cached); the C options then run as one
+    batch on C copies of that cache with the prompt's routing, which is what scoring each
+    prompt + option sequence separately computes, at a fraction of the cost."""
     if norm not in NORMS:
         raise DataError(f"norm={norm!r}; expected one of {', '.join(NORMS)}")
     if not ex.choices:
         raise DataError(f"example {ex.key!r} has no choices; multiple-choice scoring needs them")
-    rows = [encode(tokenizer, ex, max_length, chat, response=opt, eos=False) for opt in ex.choices]
-    batch = collate(rows, pad_id_of(tokenizer))
-    logp = torch.log_softmax(_logits(model, batch).float(), dim=-1)  # [B, T, V]
-    target = batch["labels"][:, 1:]  # [B, T-1]: token t+1 predicted at t
-    scored = target != -100
-    tok_lp = logp[:, :-1].gather(-1, target.clamp(min=0)[..., None])[..., 0]  # [B, T-1]
-    total = torch.where(scored, tok_lp, 0.0).sum(dim=1)  # [B]
-    if norm == "token":
-        total = total / scored.sum(dim=1)
-    elif norm == "char":
-        total = total / torch.tensor([max(1, len(o)) for o in ex.choices], dtype=total.dtype)
-    return total.tolist()
+    options = [tokenizer.encode(o, add_special_tokens=False) or [pad_id_of(tokenizer)] for o in ex.choices]
+    longest = max(len(o) for o in options)
+    prompt = prompt_ids(tokenizer, ex.prompt, chat)[-max(1, max_length - longest):]
+    ids = torch.tensor([prompt])  # [1, P]
+    logits, routing, cache = _call(model, ids, torch.ones_like(ids))
+    first = torch.log_softmax(logits[0, -1].float(), dim=-1)  # [V]: predicts each option's first token
+    c, p = len(options), len(prompt)
+    opt_ids = torch.full((c, longest), pad_id_of(tokenizer), dtype=torch.long)  # [C, O], right-padded
+    opt_mask = torch.zeros((c, longest), dtype=torch.long)
+    for i, o in enumerate(options):
+        opt_ids[i, : len(o)] = torch.tensor(o)
+        opt_mask[i, : len(o)] = 1
+    cache.batch_repeat_interleave(c)
+    mask = torch.cat([torch.ones((c, p), dtype=torch.long), opt_mask], dim=1)  # [C, P + O]
+    routing = routing.repeat_interleave(c) if routing is not None else None
+    logits2, _, _ = _call(model, opt_ids, mask, routing=routing, past=cache)  # [C, O, V]
+    logp = torch.log_softmax(logits2.float(), dim=-1)
+    scores = []
+    for i, o in enumerate(options):
+        lp = first[o[0]] + sum(logp[i, j - 1, o[j]] for j in range(1, len(o)))
+        denom = {"char": max(1, len(ex.choices[i])), "token": len(o), "none": 1}[norm]
+        scores.append(float(lp) / denom)
+    return scores
 
 
 def evaluate_mc(model, tokenizer, examples: list[Example], chat: bool = True, max_length: int = 512,

@@ -1,0 +1,82 @@
+"""Evaluation: cached option scoring equals full-sequence scoring with prompt-only routing;
+answer extraction; bootstrap intervals; routing statistics files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from helpers import randomize_adapter, tiny_llama
+from milora.model.config import MiloraConfig
+from milora.model.model import MiloraModel
+from milora.train.data import Example
+from milora.train.encode import collate, encode
+from milora.train.eval import bootstrap_ci, evaluate, extract_number, option_scores, paired_bootstrap, same_number
+from train_helpers import char_tokenizer
+
+MC = [Example(f"pick {i}: which is right?", "right", ["wrong", "right", "maybe so"], 1, key=f"mc{i}")
+      for i in range(4)]
+
+
+def _reference_scores(model, tok, ex: Example) -> list[float]:
+    """Each prompt + option sequence scored on its own, routing on the prompt span only."""
+    rows = [encode(tok, ex, 128, chat=False, response=o, eos=False) for o in ex.choices]
+    batch = collate(rows, 0)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    logp = torch.log_softmax(logits.float(), -1)[:, :-1]
+    tgt = batch["labels"][:, 1:]
+    lp = torch.where(tgt != -100, logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0], 0.0).sum(1)
+    return [float(v) / len(o) for v, o in zip(lp, ex.choices)]
+
+
+def test_cached_option_scores_match_full_sequences():
+    tok = char_tokenizer()
+    model = randomize_adapter(MiloraModel(tiny_llama(0), MiloraConfig(rank=4, alpha=8, top_k=2)), seed=5).eval()
+    for ex in MC[:2]:
+        got = option_scores(model, tok, ex, chat=False)
+        want = _reference_scores(model, tok, ex)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+
+
+def test_base_model_and_adapter_both_evaluate():
+    tok = char_tokenizer()
+    base = tiny_llama(0)
+    r_base = evaluate(base, tok, MC, chat=False)
+    adapted = randomize_adapter(MiloraModel(tiny_llama(0), MiloraConfig(rank=4, alpha=8)), seed=1)
+    r_ad = evaluate(adapted, tok, MC, chat=False)
+    assert r_base.n == r_ad.n == 4
+    assert 0.0 <= r_base.ci_low <= r_base.accuracy <= r_base.ci_high <= 1.0
+    assert all(p in MC[0].choices for p in r_ad.predictions)
+
+
+def test_answer_extraction():
+    assert extract_number("so 3 + 4 = 7.\nThe answer is 1,234.") == "1234"
+    assert extract_number("we get 12 then 15") == "15"
+    assert extract_number("no digits here") is None
+    assert same_number("18.0", "18") and not same_number("18", "19") and not same_number(None, "1")
+
+
+def test_bootstrap_intervals():
+    lo, hi = bootstrap_ci([1.0] * 30 + [0.0] * 10)
+    assert lo < 0.75 < hi and hi - lo < 0.4
+    d, lo, hi = paired_bootstrap([True] * 20, [False] * 20)
+    assert d == 1.0 and lo == hi == 1.0
+    d, lo, hi = paired_bootstrap([True, False] * 10, [False, True] * 10)
+    assert d == 0.0 and lo < 0 < hi
+
+
+def test_routing_stats_files(tmp_path):
+    from milora.train.routing_stats import expert_frequencies, write_stats
+
+    tok = char_tokenizer()
+    model = randomize_adapter(MiloraModel(tiny_llama(0, layers=3), MiloraConfig(rank=4, alpha=8, top_k=2)), seed=2)
+    prompts = [Example(f"prompt {i} " + "ab" * i, "x") for i in range(10)]
+    freq = expert_frequencies(model, tok, prompts, chat=False, batch_size=4)
+    assert freq.shape == (3, 7)
+    torch.testing.assert_close(freq.sum(dim=1), torch.full((3,), 2.0))  # k = 2 experts per layer
+    js, png = write_stats(freq, len(prompts), tmp_path / "routing", label="toy")
+    data = json.loads(js.read_text())
+    assert data["prompts"] == 10 and len(data["frequency"]) == 3 and data["experts"][0] == "q_proj"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
