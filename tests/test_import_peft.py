@@ -201,3 +201,16 @@ def test_pickled_peft_weights_are_not_opened(tmp_path):
     with pytest.raises(ImportError_, match="adapter_model.bin, a pickle file"):
         import_peft_adapter(tiny_llama(), src)
     assert not marker.exists()
+
+
+def test_cli_converts_with_only_the_base_config(tmp_path, capsys):
+    from milora.model.importers.cli import main
+
+    src, expected = make_peft(tiny_llama, tmp_path, rank_pattern={"o_proj": 2})
+    tiny_llama().save_pretrained(tmp_path / "base")
+    assert main([str(src), str(tmp_path / "out"), "--base", str(tmp_path / "base")]) == 0
+    model = MiloraModel.from_pretrained(tiny_llama(), tmp_path / "out").eval()
+    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    # Errors are reported, typed messages, not tracebacks.
+    assert main([str(src), str(tmp_path / "out2"), "--base", str(tmp_path / "base"), "--top-k", "2"]) == 2
+    assert "top_k and alpha apply to reference-code checkpoints only" in capsys.readouterr().err
