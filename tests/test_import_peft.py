@@ -64,7 +64,7 @@ def test_plain_lora_matches_peft(builder, tmp_path):
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_qwen2])
 def test_rslora_on_some_modules_and_layers(builder, tmp_path):
     src, expected = make_peft(builder, tmp_path, r=8, lora_alpha=4, use_rslora=True,
-                              target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1])
+                              target_modules=["q_proj", "self_attn.v_proj", "down_proj"], layers_to_transform=[1])
     config, tensors = import_peft_adapter(builder(), src)
     assert config.target_modules == ("q_proj", "v_proj", "down_proj")
     assert math.isclose(config.scale, 4 / math.sqrt(8), rel_tol=1e-12)  # rsLoRA: alpha / sqrt(r)

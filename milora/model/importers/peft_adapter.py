@@ -93,9 +93,10 @@ def check_peft_config(cfg: dict[str, Any], path: Path) -> None:
                       "convert it to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)")
     targets = cfg.get("target_modules")
     if isinstance(targets, (list, tuple)):
-        outside = sorted(set(targets) - set(EXPERTS))
+        # PEFT matches a target on the end of a module's dotted name ("mlp.down_proj" is fine).
+        outside = sorted(t for t in targets if str(t).rsplit(".", 1)[-1] not in EXPERTS)
         if outside:
-            raise _refuse(path, f"target_modules includes modules outside the 7 MiLoRA experts", outside,
+            raise _refuse(path, "target_modules includes modules outside the 7 MiLoRA experts", outside,
                           f"a subset of {list(EXPERTS)}", "retrain targeting only those linears")
 
 
