@@ -156,7 +156,23 @@ class MiloraModel(nn.Module):
                  routing: RoutingState | None = None, return_routing: bool = False, **generate_kwargs):
         """Hugging Face generate() with MiLoRA routing: the first forward (the prompt) routes,
         unless `routing` is given; every decode step reuses that routing and runs no router.
-        Beams and num_return_sequences copies of a prompt carry that prompt's routing."""
+        Beams and num_return_sequences copies of a prompt carry that prompt's routing.
+
+        Refused: chunked prefill (prefill_chunk_size) and a past KV cache without `routing`:
+        both would route on part of the prompt only, and every prompt token's KV depends on
+        routing computed from the whole prompt (docs/MILORA.md)."""
+        gen_config = generate_kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+        chunk = generate_kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None))
+        if chunk:
+            raise RoutingError(
+                f"prefill_chunk_size={chunk!r}: chunked prefill is not exact for MiLoRA (the router needs the "
+                "whole prompt before any prompt token is computed); generate without prefill_chunk_size"
+            )
+        if routing is None and generate_kwargs.get("past_key_values") is not None:
+            raise RoutingError(
+                "generate() got past_key_values but no routing: the routers would see only the new tokens. "
+                "Pass the routing of the request the cache belongs to, or prefill the whole prompt again"
+            )
         session = RoutingSession(routing)
         with routing_session(session):
             out = self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
