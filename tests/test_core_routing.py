@@ -317,3 +317,15 @@ def test_unrouted_tenant_has_fixed_gates_of_one():
         assert out.lb_loss is None
         seqs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, **NO_EOS)
         assert seqs.shape == (2, 8)
+
+
+def test_generate_refuses_partial_prompt_prefill(model):
+    # Chunked prefill and a reused cache without routing would route on part of the prompt.
+    ids = prompts(20, 1, 8)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with pytest.raises(RoutingError, match="prefill_chunk_size=4"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, prefill_chunk_size=4, **NO_EOS)
+        cache = model(ids[:, :5], use_cache=True).past_key_values
+        with pytest.raises(RoutingError, match="past_key_values but no routing"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=cache, **NO_EOS)
