@@ -400,3 +400,14 @@ def test_missing_files_are_named(tmp_path):
     (src / "lora_gatings.bin").unlink()
     with pytest.raises(ImportError_, match=r"\['lora_gatings.bin'\] missing"):
         import_reference_checkpoint(build(), src)
+
+
+def test_bfloat16_checkpoints_import_as_float32(tmp_path):
+    # The reference trains in bfloat16: every tensor in its files may be bf16.
+    build = no_gqa(llama)
+    modules, gatings = make_reference(build(), pooler="attn")
+    modules, gatings = modules.to(torch.bfloat16), gatings.to(torch.bfloat16)
+    config, tensors = import_reference_checkpoint(build(), save_reference(tmp_path / "c", modules, gatings))
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert torch.equal(tensors["layers.0.v_proj.lora_B"], modules[2].module_b.weight.detach().float())
+    assert torch.equal(tensors["layers.2.router.weight"], gatings[2].lora_gate.w_gate.detach().float().t())
