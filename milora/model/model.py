@@ -29,7 +29,8 @@ from milora.model.inject import base_info, decoder_layers, expert_linear, set_ex
 from milora.model.layer import MiloraLinear
 from milora.model.losses import load_balancing_loss
 from milora.model.router import MiloraRouter
-from milora.model.routing import RoutingSession, RoutingState, current_forward, current_session, routing_session
+from milora.model.routing import (RoutingSession, RoutingState, checkpoint_contexts, current_forward, current_session,
+                                  routing_session)
 
 ROUTER_PARTS = ("weight", "pooler", "act_num", "act_den", "noise_weight")
 
@@ -147,6 +148,13 @@ class MiloraModel(nn.Module):
         cache = out.get("past_key_values", out.get("cache"))
         return MiloraOutput(out.logits, cache, session.state, loss, out.loss, lb)
 
+    def gradient_checkpointing_enable(self, **checkpoint_kwargs) -> None:
+        """Activation checkpointing of the base model's decoder layers (use this, not the base
+        model's method: its backward recomputes layers outside this model's forward, where the
+        routing is only reachable through checkpoint's context_fn, which needs use_reentrant=False)."""
+        kwargs = {**checkpoint_kwargs, "use_reentrant": False, "context_fn": checkpoint_contexts}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     @torch.no_grad()
     def compute_routing(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> RoutingState:
         """Run the prompt once (no cache) and return its routing."""
@@ -250,7 +258,9 @@ class MiloraModel(nn.Module):
         check_base(adapter_base, base_info(base_model), f"adapter {adapter_dir}")
         model = cls(base_model, config, dtype=dtype)
         model.load_adapter_state_dict(tensors, where=str(adapter_dir))
-        return model
+        # Inference mode, as Hugging Face's from_pretrained: noisy gating and dropout act only
+        # after an explicit .train().
+        return model.eval()
 
 
 def add_milora(base_model: nn.Module, config: MiloraConfig | None = None, **options) -> MiloraModel:
