@@ -1,0 +1,180 @@
+"""The runtime against the PyTorch reference, and its scheduling, tenant and KV bookkeeping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from milora.errors import CapacityError, ManifestError, TenantError
+from milora.runtime import Engine, SamplingParams
+from runtime_helpers import export_tiny, random_prompts, reference_greedy
+
+TENANTS = ("alpha", "beta", "gamma", "delta")
+NEW = 6
+NEAR_TIE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp("rt"))
+
+
+@pytest.fixture(scope="module")
+def references(exported):
+    model_dir, _ = exported
+    prompts = {t: random_prompts(i, (5, 1, 9)) for i, t in enumerate(TENANTS)}
+    return prompts, {(t, i): reference_greedy(model_dir, t, p, NEW)
+                     for t, ps in prompts.items() for i, p in enumerate(ps)}
+
+
+def greedy(n=NEW):
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+def check_equal(ref, got, label):
+    tokens, margin = ref
+    if margin < NEAR_TIE:  # rounding may legitimately flip a near-tie; count it, don't compare
+        pytest.skip(f"{label}: reference top-2 margin {margin:.2e} is a near-tie")
+    assert got == tokens, f"{label}: runtime {got} != reference {tokens}"
+
+
+@pytest.mark.parametrize("tenant", TENANTS)
+def test_each_tenant_alone_equals_reference(exported, references, tenant):
+    _, out_dir = exported
+    prompts, refs = references
+    engine = Engine(out_dir, max_batch=1)
+    for i, p in enumerate(prompts[tenant]):
+        req = engine.generate(tenant, prompt_ids=p, params=greedy())
+        check_equal(refs[(tenant, i)], req.output_ids, f"{tenant} prompt {i}")
+
+
+@pytest.mark.parametrize("max_batch", [3, 8])
+def test_mixed_batches_equal_reference(exported, references, max_batch):
+    """Batch invariance: rows of different tenants and lengths, joining as others finish."""
+    _, out_dir = exported
+    prompts, refs = references
+    engine = Engine(out_dir, max_batch=max_batch)
+    order = [(t, i) for i in range(3) for t in TENANTS]  # interleave tenants
+    reqs = {key: engine.submit(key[0], prompt_ids=prompts[key[0]][key[1]],
+                               params=greedy(NEW - (hash(key) % 3))) for key in order}
+    engine.run_until_done()
+    for key, req in reqs.items():
+        tokens, margin = refs[key]
+        if margin >= NEAR_TIE:
+            assert req.output_ids == tokens[: len(req.output_ids)], f"{key}"
+    assert engine.stats()["running"] == 0
+
+
+def test_empty_after_every_run(exported):
+    _, out_dir = exported
+    engine = Engine(out_dir, max_batch=4)
+    for round_ in range(2):
+        reqs = [engine.submit(t, prompt_ids=p, params=greedy(3 + round_))
+                for t, p in zip(TENANTS, random_prompts(round_, (4, 7, 2, 5)))]
+        engine.run_until_done()
+        assert all(r.status == "finished" for r in reqs)
+        s = engine.stats()
+        assert (s["queued"], s["running"], s["kv_reserved_tokens"], s["kv_batch_tokens"], s["tenant_refs"]) == (0,) * 5
+
+
+def test_queueing_at_kv_capacity(exported):
+    _, out_dir = exported
+    prompt = random_prompts(3, (6,))[0]
+    engine = Engine(out_dir, max_batch=8, kv_budget_tokens=len(prompt) + 4)  # room for one request
+    a = engine.submit("alpha", prompt_ids=prompt, params=greedy(4))
+    b = engine.submit("beta", prompt_ids=prompt, params=greedy(4))
+    engine.step()
+    assert a.status == "running" and b.status == "queued"
+    while not a.done:
+        engine.step()
+    engine.run_until_done()
+    assert b.status == "finished" and len(b.output_ids) == 4
+    with pytest.raises(CapacityError, match="KV budget"):
+        engine.submit("alpha", prompt_ids=prompt, params=greedy(50))
+
+
+def test_cancellation_frees_everything(exported):
+    _, out_dir = exported
+    engine = Engine(out_dir, max_batch=4)
+    ps = random_prompts(5, (5, 8, 3))
+    running = engine.submit("alpha", prompt_ids=ps[0], params=greedy(20))
+    other = engine.submit("beta", prompt_ids=ps[1], params=greedy(5))
+    engine.step()
+    queued = engine.submit("gamma", prompt_ids=ps[2], params=greedy(5))
+    engine.cancel(running)
+    engine.cancel(queued)
+    assert running.status == queued.status == "cancelled"
+    engine.run_until_done()
+    assert other.status == "finished" and len(other.output_ids) == 5
+    s = engine.stats()
+    assert s["tenant_refs"] == 0 and s["kv_reserved_tokens"] == 0 and s["running"] == 0
+
+
+def test_eviction_pinning_and_runtime_added_tenants(exported, references, tmp_path):
+    """Adapter directories added at run time (no re-export) share 4 slots with the packs; LRU
+    eviction reloads them exactly."""
+    model_dir, out_dir = exported
+    prompts, refs = references
+    engine = Engine(out_dir, max_batch=2)
+    engine.remove_tenant("gamma")
+    engine.add_tenant("gamma", model_dir / "adapters" / "gamma")  # from the adapter directory
+    engine.pin("alpha")
+    for t in ("beta", "gamma", "delta", "beta", "gamma"):
+        req = engine.generate(t, prompt_ids=prompts[t][0], params=greedy())
+        check_equal(refs[(t, 0)], req.output_ids, t)
+        assert "alpha" in engine.tenants.slots()
+    with pytest.raises(TenantError, match="unknown tenant"):
+        engine.submit("nobody", prompt_ids=[5])
+
+
+def test_all_slots_busy_is_an_error_not_a_hang(exported, tmp_path):
+    model_dir, out_dir = exported
+    engine = Engine(out_dir, max_batch=8)
+    engine.add_tenant("extra", model_dir / "adapters" / "alpha")
+    for t in TENANTS:
+        engine.pin(t)  # 4 usable slots, all pinned
+    req = engine.submit("extra", prompt_ids=[5, 6, 7], params=greedy(2))
+    engine.run_until_done()
+    assert req.status == "failed" and isinstance(req.error, TenantError)
+
+
+def test_seeded_sampling_is_batch_invariant(exported):
+    _, out_dir = exported
+    p = random_prompts(9, (6,))[0]
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=123, ignore_eos=True)
+    alone = Engine(out_dir).generate("beta", prompt_ids=p, params=params).output_ids
+    engine = Engine(out_dir)
+    others = [engine.submit(t, prompt_ids=q, params=SamplingParams(max_new_tokens=5, temperature=1.0, seed=i))
+              for i, (t, q) in enumerate(zip(TENANTS, random_prompts(1, (3, 9, 4, 2))))]
+    mixed = engine.submit("beta", prompt_ids=p, params=params)
+    engine.run_until_done()
+    assert mixed.output_ids == alone and all(o.done for o in others)
+
+
+def test_text_prompts_stop_strings_and_streaming(exported):
+    _, out_dir = exported
+    engine = Engine(out_dir)
+    free = engine.generate("alpha", "w5 w17 w40", params=greedy(6))
+    words = free.text.split()
+    assert len(words) == 6
+    stop = words[2]
+    req = engine.submit("alpha", "w5 w17 w40", params=SamplingParams(max_new_tokens=6, ignore_eos=True, stop=(stop,)))
+    chunks = list(engine.stream(req))
+    assert req.finish_reason == "stop" and stop not in req.text
+    assert "".join(chunks) == req.text and free.text.startswith(req.text)
+
+
+def test_tampered_or_missing_out_dir_is_refused(exported, tmp_path):
+    import shutil
+
+    _, out_dir = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out_dir, copy)
+    pack = next((copy / "adapters").iterdir())
+    data = bytearray(pack.read_bytes())
+    data[-1] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="changed"):
+        Engine(copy)
+    with pytest.raises(ManifestError, match="no manifest.json|not a directory"):
+        Engine(tmp_path / "nowhere")
