@@ -109,7 +109,8 @@ def export(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, str |
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        manifest = _export_into(model_dir, tmp, {k: Path(v) for k, v in (adapters or {}).items()}, opts)
+        with _steps(opts, 6 if opts.validate else 5) as bar:
+            manifest = _export_into(model_dir, tmp, {k: Path(v) for k, v in (adapters or {}).items()}, opts, bar)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -125,14 +126,13 @@ def _steps(opts: ExportOptions, total: int):
     return tqdm(total=total, desc="milora-export", unit="step", disable=not opts.progress, leave=False)
 
 
-def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: ExportOptions) -> dict[str, Any]:
+def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: ExportOptions, bar) -> dict[str, Any]:
     from milora.export.bank_model import BankModel, check_supported
     from milora.export.onnx_export import export_graph
     from milora.export.tenants import load_tenants
     from milora.model.inject import base_info
 
     started = time.time()
-    bar = _steps(opts, 6 if opts.validate else 5)
     bar.set_postfix_str("loading model and adapters")
     hf = load_base(model_dir, opts.dtype)
     check_supported(hf)
@@ -165,7 +165,6 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
         manifest["validation"] = run_validation(tmp, manifest, hf, tenants, opts)
         bar.update()
     bar.update()
-    bar.close()
     mf.write_manifest(tmp, manifest)
     return mf.read_manifest(tmp)
 
