@@ -151,7 +151,8 @@ def current_session() -> RoutingSession:
     if session is None:
         raise RoutingError(
             "a MiLoRA-adapted model was called outside MiloraModel.forward/generate; call the "
-            "MiloraModel wrapper (it carries the routing state), not the inner Hugging Face model"
+            "MiloraModel wrapper (it carries the routing state), not the inner Hugging Face model; "
+            "for gradient checkpointing use MiloraModel.gradient_checkpointing_enable()"
         )
     return session
 
@@ -161,3 +162,23 @@ def current_forward() -> ForwardRouting:
     if fwd is None:
         raise RoutingError("no forward in progress in this routing session")
     return fwd
+
+
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """torch.utils.checkpoint context_fn: the forward runs as is; the recompute, which happens
+    during backward (outside the MiloraModel call), re-enters the routing session and forward
+    it belongs to, so the checkpointed layer reads the same routing."""
+    session = current_session()
+    fwd = session.current
+
+    @contextlib.contextmanager
+    def recompute() -> Iterator[None]:
+        token = _SESSION.set(session)
+        previous, session.current = session.current, fwd
+        try:
+            yield
+        finally:
+            session.current = previous
+            _SESSION.reset(token)
+
+    return contextlib.nullcontext(), recompute()
