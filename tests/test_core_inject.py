@@ -157,3 +157,27 @@ def test_routers_run_in_fp32_in_half_precision_models(dtype):
         assert out.logits.dtype == dtype
         assert out.routing.gates.dtype == torch.float32
         assert len(calls) == 2 and all(c == (dtype, [torch.float32] * 3) for c in calls), calls
+
+
+@BUILDERS
+def test_gradient_checkpointing_gives_the_same_gradients(builder):
+    # The backward recomputes checkpointed layers outside MiloraModel.forward; they must read
+    # the routing of the forward they belong to, and the gradients must not change.
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tenant(6, builder=builder, top_k=2).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        return {n: p.grad for n, p in model.adapter_parameters_by_name().items()}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        # Experts switched off in every row get no gradient (their update is skipped): same in both.
+        assert (plain[name] is None) == (ckpt[name] is None), name
+        if plain[name] is not None:
+            assert torch.allclose(plain[name], ckpt[name], atol=1e-6, rtol=1e-5), name
+    assert sum(g is not None for g in plain.values()) > len(plain) // 2
+    assert any(g is not None and g.abs().sum() > 0 for n, g in plain.items() if ".router." in n)
