@@ -329,3 +329,9 @@ def test_generate_refuses_partial_prompt_prefill(model):
         cache = model(ids[:, :5], use_cache=True).past_key_values
         with pytest.raises(RoutingError, match="past_key_values but no routing"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=cache, **NO_EOS)
+
+
+def test_row_without_prompt_tokens_is_refused(model):
+    ids = prompts(21, 2, 4)
+    with pytest.raises(RoutingError, match=r"rows \[1\] have no prompt token"):
+        model(ids, torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]))
