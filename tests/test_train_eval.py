@@ -80,3 +80,37 @@ def test_routing_stats_files(tmp_path):
     data = json.loads(js.read_text())
     assert data["prompts"] == 10 and len(data["frequency"]) == 3 and data["experts"][0] == "q_proj"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _ScriptedGenerator:
+    """Stands in for a model in evaluate_math: 'generates' a fixed reply after each prompt, so the
+    test checks prompt batching (left padding), decoding and answer comparison."""
+
+    def __init__(self, tok, replies):
+        self.tok, self.replies, self.seen = tok, replies, []
+
+    def eval(self):
+        return self
+
+    def generate(self, ids, attention_mask, max_new_tokens, **kw):
+        self.seen.append((ids.clone(), attention_mask.clone()))
+        rows = []
+        for r in range(ids.shape[0]):
+            reply = self.tok.encode(self.replies.pop(0), add_special_tokens=False)
+            rows.append(torch.cat([ids[r], torch.tensor(reply)]))
+        t = max(len(x) for x in rows)
+        return torch.stack([torch.nn.functional.pad(x, (0, t - len(x))) for x in rows])
+
+
+def test_math_generation_scoring():
+    from milora.train.eval import evaluate_math
+
+    tok = char_tokenizer()
+    examples = [Example("2+2?", "4", answer="4"), Example("a longer prompt: 10*3?", "30", answer="30"),
+                Example("1+1?", "2", answer="2")]
+    model = _ScriptedGenerator(tok, ["so 2+2=4. The answer is 4.", "The answer is 31.", "1+1 makes 2"])
+    res = evaluate_math(model, tok, examples, chat=False, batch_size=2)
+    assert res.correct == [True, False, True]
+    ids, mask = model.seen[0]
+    # Left padding: the short prompt's tokens end at the last column, padding sits in front.
+    assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all()
