@@ -31,7 +31,7 @@ from milora.model.model import MiloraModel
 from milora.train.data import load_task
 from milora.train.eval import evaluate_mc, paired_bootstrap
 from milora.train.loop import TrainConfig, train
-from milora.train.routing_stats import expert_frequencies, write_stats
+from milora.train.routing_stats import write_stats
 
 METHODS = {
     "lora": dict(routed=False, top_k=7),
@@ -91,7 +91,7 @@ def run(args) -> None:
         test_data = load_task(task, "test", args.test_limit)
         if (task, "base", 0) not in done:
             t0 = time.time()
-            res = evaluate_mc(load_base(base_dir), tok, test_data, max_length=args.max_length)
+            res = evaluate_mc(load_base(base_dir), tok, test_data, chat=args.chat, max_length=args.max_length)
             record({"task": task, "method": "base", "seed": 0, "accuracy": res.accuracy, "correct": res.correct,
                     "seconds": time.time() - t0, "params": {"tunable": 0, "router": 0, "activated_per_token": 0}})
         for seed in args.seeds:
@@ -103,14 +103,17 @@ def run(args) -> None:
                 cfg = MiloraConfig(rank=args.rank, alpha=2.0 * args.rank, lb_coef=args.lb_coef, **options)
                 model = MiloraModel(load_base(base_dir), cfg)
                 tcfg = TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size,
-                                   eval_every=args.steps + 1, warmup_ratio=0.1, seed=seed, max_length=args.max_length)
+                                   eval_every=args.steps + 1, warmup_ratio=0.1, seed=seed, max_length=args.max_length,
+                                   chat=args.chat)
                 tr = train(model, tok, train_data, [], tcfg, Path(args.adapters) / f"{task}-{method}-s{seed}",
                            progress=args.progress)
                 train_s = time.time() - t0
-                res = evaluate_mc(model, tok, test_data, max_length=args.max_length)
+                counts = torch.zeros(model.num_layers, len(EXPERTS))
+                res = evaluate_mc(model, tok, test_data, chat=args.chat, max_length=args.max_length,
+                                  routing_counts=counts)
                 freq = None
                 if cfg.routed:
-                    freq = expert_frequencies(model, tok, test_data, max_length=args.max_length)
+                    freq = counts / len(test_data)  # the routing of each test prompt, seen while scoring it
                     if seed == args.seeds[0]:
                         write_stats(freq, len(test_data), out / f"routing_{task}_{method}",
                                     label=f"SmolLM2-135M {task} {method} (test prompts)")
@@ -164,7 +167,7 @@ def summarise(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="+", default=["arc_e", "obqa", "piqa"])
+    p.add_argument("--tasks", nargs="+", default=["arc_e", "arc_c", "obqa"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
@@ -175,6 +178,8 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chat", action="store_true",
+                   help="wrap prompts in the chat template (about 25 more tokens per prompt; off to save CPU)")
     p.add_argument("--out", default="benchmarks/results/replicate_paper")
     p.add_argument("--adapters", default="/tmp/milora-replicate-adapters", help="where trained adapters go")
     p.add_argument("--resume", action="store_true", help="skip runs already in --out/results.json")

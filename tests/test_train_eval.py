@@ -34,10 +34,13 @@ def _reference_scores(model, tok, ex: Example) -> list[float]:
 def test_cached_option_scores_match_full_sequences():
     tok = char_tokenizer()
     model = randomize_adapter(MiloraModel(tiny_llama(0), MiloraConfig(rank=4, alpha=8, top_k=2)), seed=5).eval()
+    counts = torch.zeros(model.num_layers, 7)
     for ex in MC[:2]:
-        got = option_scores(model, tok, ex, chat=False)
+        got = option_scores(model, tok, ex, chat=False, routing_counts=counts)
         want = _reference_scores(model, tok, ex)
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+    # Routing seen while scoring: k = 2 experts per layer for each of the 2 prompts.
+    torch.testing.assert_close(counts.sum(dim=1), torch.full((model.num_layers,), 4.0))
 
 
 def test_base_model_and_adapter_both_evaluate():

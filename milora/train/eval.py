@@ -57,26 +57,28 @@ def paired_bootstrap(a: list[bool], b: list[bool], n_boot: int = 2000, seed: int
     return sum(diff) / len(diff), lo, hi
 
 
-def _call(model, ids, mask, routing_mask=None, routing=None, past=None):
+def _call(model, ids, mask, routing=None, past=None, **kwargs):
     """(logits [B, T, V], routing or None, cache) for a MiloraModel or a plain HF model."""
     from milora.model.model import MiloraModel
 
     if isinstance(model, MiloraModel):
-        out = model(ids, mask, routing=routing, routing_mask=routing_mask, past_key_values=past, use_cache=True)
+        out = model(ids, mask, routing=routing, past_key_values=past, use_cache=True, **kwargs)
         return out.logits, out.routing, out.past_key_values
-    out = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True, **kwargs)
     return out.logits, None, out.past_key_values
 
 
 @torch.no_grad()
 def option_scores(model, tokenizer, ex: Example, chat: bool = True, max_length: int = 512,
-                  norm: str = "char") -> list[float]:
+                  norm: str = "char", routing_counts: torch.Tensor | None = None) -> list[float]:
     """Log-likelihood of each option as the response to ex.prompt, normalised by the option's
     characters (norm='char'), tokens ('token') or not at all ('none').
 
     The prompt runs once (routing computed from it, KV cached); the C options then run as one
     batch on C copies of that cache with the prompt's routing, which is what scoring each
-    prompt + option sequence separately computes, at a fraction of the cost."""
+    prompt + option sequence separately computes, at a fraction of the cost.
+    routing_counts [L, 7], if given, gets this prompt's active experts added (routing statistics
+    for free)."""
     if norm not in NORMS:
         raise DataError(f"norm={norm!r}; expected one of {', '.join(NORMS)}")
     if not ex.choices:
@@ -85,7 +87,10 @@ def option_scores(model, tokenizer, ex: Example, chat: bool = True, max_length: 
     longest = max(len(o) for o in options)
     prompt = prompt_ids(tokenizer, ex.prompt, chat)[-max(1, max_length - longest):]
     ids = torch.tensor([prompt])  # [1, P]
-    logits, routing, cache = _call(model, ids, torch.ones_like(ids))
+    # Only the last prompt position's logits are needed: skip the LM head elsewhere.
+    logits, routing, cache = _call(model, ids, torch.ones_like(ids), logits_to_keep=1)
+    if routing_counts is not None and routing is not None:
+        routing_counts += routing.active()[0].to(routing_counts.dtype)
     first = torch.log_softmax(logits[0, -1].float(), dim=-1)  # [V]: predicts each option's first token
     c, p = len(options), len(prompt)
     opt_ids = torch.full((c, longest), pad_id_of(tokenizer), dtype=torch.long)  # [C, O], right-padded
@@ -107,13 +112,13 @@ def option_scores(model, tokenizer, ex: Example, chat: bool = True, max_length: 
 
 
 def evaluate_mc(model, tokenizer, examples: list[Example], chat: bool = True, max_length: int = 512,
-                norm: str = "char", progress: bool = False) -> EvalResult:
+                norm: str = "char", progress: bool = False, routing_counts: torch.Tensor | None = None) -> EvalResult:
     from tqdm.auto import tqdm
 
     model.eval()
     correct, preds = [], []
     for ex in tqdm(examples, disable=not progress, desc="eval", unit="q"):
-        scores = option_scores(model, tokenizer, ex, chat, max_length, norm)
+        scores = option_scores(model, tokenizer, ex, chat, max_length, norm, routing_counts)
         best = max(range(len(scores)), key=scores.__getitem__)
         correct.append(best == ex.answer_index)
         preds.append(ex.choices[best])
