@@ -34,9 +34,9 @@ class DemoTenant:
 
 
 DEMO_TENANTS: dict[str, DemoTenant] = {
-    "arc-easy": DemoTenant("arc_e", steps=12, batch_size=4, max_length=192),
-    "boolq": DemoTenant("boolq", steps=10, batch_size=4, max_length=256),
-    "gsm-symbolic": DemoTenant("gsm_symbolic", steps=10, batch_size=4, max_length=320, top_k=2),
+    "arc-easy": DemoTenant("arc_e", steps=8, batch_size=4, max_length=192),
+    "boolq": DemoTenant("boolq", steps=6, batch_size=4, max_length=256),
+    "gsm-symbolic": DemoTenant("gsm_symbolic", steps=6, batch_size=2, max_length=384, top_k=2),
 }
 DEMO_RANK = 8
 DEMO_LR = 2e-3
@@ -73,7 +73,7 @@ def demo_tenants(cache: str | Path | None = None, force: bool = False, base: str
         try:
             adapter, train = demo_configs(spec)
             # A small dev slice: one dev loss at the end, recorded in demo.json.
-            result = train_adapter(base, tmp, adapter, train, task=spec.task, dev_limit=16, progress=progress,
+            result = train_adapter(base, tmp, adapter, train, task=spec.task, dev_limit=8, progress=progress,
                                    save_dtype=torch.float16)
             shutil.rmtree(tmp / "checkpoint", ignore_errors=True)  # optimizer state: not needed to serve
             (tmp / "demo.json").write_text(json.dumps({
