@@ -26,22 +26,26 @@ def python_api_blocks(text: str) -> list[str]:
     start = next((i for i, l in enumerate(lines) if re.fullmatch(r"##\s+Python API\s*", l.strip())), None)
     if start is None:
         return []
-    end = next((i for i in range(start + 1, len(lines)) if re.match(r"#{1,2}\s", lines[i])), len(lines))
-    blocks, current = [], None
-    for line in lines[start + 1:end]:
+    blocks, current, fenced = [], None, False
+    for line in lines[start + 1:]:
+        if line.strip().startswith("```") and current is None:
+            fenced = not fenced  # a '# comment' inside any fence is not a heading
+        if not fenced and current is None and re.match(r"#{1,2}\s", line):
+            break
         if current is None and re.fullmatch(r"```\s*python\s*", line.strip()):
             current = []
         elif current is not None and line.strip() == "```":
             blocks.append("\n".join(current))
-            current = None
+            current, fenced = None, False
         elif current is not None:
             current.append(line)
     return blocks
 
 
 def test_block_extraction():
-    text = "# t\n## Python API\nintro\n```python\nx = 1\n```\n```bash\nno\n```\n### sub\n```python\ny = x\n```\n## Next\n```python\nz\n```\n"
-    assert python_api_blocks(text) == ["x = 1", "y = x"]
+    text = ("# t\n## Python API\nintro\n```python\n# a comment, not a heading\nx = 1\n```\n```bash\n# no\n```\n"
+            "### sub\n```python\ny = x\n```\n## Next\n```python\nz\n```\n")
+    assert python_api_blocks(text) == ["# a comment, not a heading\nx = 1", "y = x"]
     assert python_api_blocks("# nothing here\n") == []
 
 
