@@ -178,3 +178,22 @@ def test_tampered_or_missing_out_dir_is_refused(exported, tmp_path):
         Engine(copy)
     with pytest.raises(ManifestError, match="no manifest.json|not a directory"):
         Engine(tmp_path / "nowhere")
+
+
+def test_base_model_rows_use_slot_zero(exported):
+    """tenant None serves the bare base model, also mixed with tenants; equals the plain HF model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir, out_dir = exported
+    p = random_prompts(11, (7,))[0]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([p])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+    engine = Engine(out_dir)
+    base = engine.submit(None, prompt_ids=p, params=greedy())
+    other = engine.submit("alpha", prompt_ids=p, params=greedy())
+    engine.run_until_done()
+    assert base.output_ids == ref and other.output_ids != ref
+    assert engine.stats()["tenant_refs"] == 0

@@ -32,7 +32,7 @@ from milora.runtime.tenants import TenantRegistry
 @dataclass
 class Request:
     id: int
-    tenant: str
+    tenant: str | None  # None: the bare base model (slot 0)
     prompt_ids: list[int]
     params: SamplingParams
     status: str = "queued"  # queued | running | finished | cancelled | failed
@@ -118,11 +118,12 @@ class Engine:
 
     # ---- requests ----
 
-    def submit(self, tenant: str, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+    def submit(self, tenant: str | None, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                prompt_ids: list[int] | None = None, params: SamplingParams | None = None) -> Request:
         """Queue a request. Exactly one of prompt (raw text), messages (chat, templated) or
-        prompt_ids. Each chat turn is a new prompt: routed and prefilled again."""
-        if tenant not in self.tenants:
+        prompt_ids. Each chat turn is a new prompt: routed and prefilled again. tenant None
+        serves the bare base model (slot 0: no adapter, no router)."""
+        if tenant is not None and tenant not in self.tenants:
             raise TenantError(f"unknown tenant {tenant!r}; this runtime serves: {', '.join(self.tenants.names())}")
         if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
             raise MiloraError("give exactly one of prompt, messages or prompt_ids")
@@ -185,7 +186,7 @@ class Engine:
             if self._kv_reserved + req.reservation > self.kv_budget:
                 break  # FIFO: wait for running rows to free KV
             try:
-                req._slot = self.tenants.acquire(req.tenant)
+                req._slot = 0 if req.tenant is None else self.tenants.acquire(req.tenant)
             except TenantError as exc:
                 if self._rows or admitted:
                     break  # a running request will release a slot
@@ -249,7 +250,8 @@ class Engine:
         self._rows = [self._rows[i] for i in keep]
 
     def _free(self, r: Request) -> None:
-        self.tenants.release(r.tenant)
+        if r.tenant is not None:
+            self.tenants.release(r.tenant)
         self._kv_reserved -= r.reservation
 
     def _fail(self, r: Request, exc: Exception) -> None:

@@ -1,0 +1,172 @@
+"""Decode throughput and time to first token of the milora runtime on SmolLM2-135M, side by
+side in one process (issue: runtime on onnxruntime; numbers go to BENCHMARKS.md as ratios).
+
+    python benchmarks/runtime_smollm2.py [--tokens 32] [--repeats 3] [--json out.json]
+
+Configurations, each at B=1 (one tenant) and B=8 (8 different tenants in one batch):
+  base        the base model exported without adapters (the floor)
+  milora-k1   MiLoRA, k=1 of 7, rank R          (R = 16 and 32)
+  milora-k2   MiLoRA, k=2 of 7, rank 16
+  lora-7      plain LoRA on all 7 modules, unmerged (a non-routed tenant), rank R
+  torch-eager the PyTorch reference (HF generate) with one MiLoRA k=1 r16 adapter; at B=8 the
+              8 rows share that adapter (the reference holds one adapter per model)
+Adapters are random (seeded, non-zero B, random routers): speed does not depend on training.
+Exports are cached under $MILORA_CACHE/bench-runtime; --rebuild exports again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PROMPT = ("Explain in a few sentences why the sky is blue, and what changes at sunset when the light "
+          "travels through more of the atmosphere.")
+
+
+def make_adapters(base_dir: Path, root: Path, rank: int, kinds: dict[str, dict], n: int = 8) -> dict[str, Path]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from milora.model.config import MiloraConfig
+    from milora.model.model import MiloraModel
+
+    out = {}
+    for kind, options in kinds.items():
+        for i in range(n):
+            name = f"{kind}-r{rank}-{i}"
+            path = root / "adapters" / name
+            out[name] = path
+            if (path / "milora_config.json").is_file():
+                continue
+            model = MiloraModel(AutoModelForCausalLM.from_pretrained(base_dir),
+                                MiloraConfig(rank=rank, alpha=2.0 * rank, **options))
+            g = torch.Generator().manual_seed(1000 * rank + 100 * len(out) + i)
+            with torch.no_grad():
+                for pname, p in model.adapter_parameters_by_name().items():
+                    if pname.endswith("lora_B"):
+                        p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+                    elif pname.endswith("router.weight"):
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            model.save_adapter(path)
+    return out
+
+
+def export_once(base_dir: Path, out_dir: Path, adapters: dict[str, Path], rebuild: bool) -> Path:
+    from milora.export.exporter import export
+
+    if rebuild or not (out_dir / "manifest.json").is_file():
+        shutil.rmtree(out_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        export(base_dir, out_dir, adapters={k: str(v) for k, v in adapters.items()}, validate=False, force=True)
+        print(f"exported {out_dir.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return out_dir
+
+
+def time_runtime(out_dir: Path, tenants: list[str], tokens: int, repeats: int) -> dict[str, float]:
+    """Median decode tok/s (tokens after the first, per wall second) and time to first token."""
+    from milora.runtime import Engine, SamplingParams
+
+    engine = Engine(out_dir, max_batch=len(tenants), verify=False)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    for t in tenants:
+        engine.pin(t) if t else None  # load adapters before timing
+    tps, ttft = [], []
+    for rep in range(repeats + 1):
+        reqs = [engine.submit(t or None, messages=[{"role": "user", "content": PROMPT}], params=params)
+                for t in tenants]
+        engine.step()  # prefill + first decode step
+        t_first = time.perf_counter()
+        engine.run_until_done()
+        t_end = time.perf_counter()
+        if rep == 0:
+            continue  # warm-up
+        decoded = sum(len(r.output_ids) for r in reqs) - 2 * len(reqs)  # tokens after the first step
+        tps.append(decoded / (t_end - t_first))
+        ttft.append(max(r.first_token_at - r.submitted_at for r in reqs))
+    return {"tok_s": statistics.median(tps), "ttft_s": statistics.median(ttft)}
+
+
+def time_torch(base_dir: Path, adapter: Path, batch: int, tokens: int, repeats: int) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from milora.model.model import MiloraModel
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = MiloraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok([text] * batch, return_tensors="pt").input_ids
+    tps, ttft = [], []
+    with torch.no_grad():
+        for rep in range(repeats + 1):
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+            t1 = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False)
+            t2 = time.perf_counter()
+            if rep:
+                ttft.append(t1 - t0)
+                # decode rate: the extra tokens over the extra time, prefill cancels out.
+                tps.append(batch * (tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
+    return {"tok_s": statistics.median(tps), "ttft_s": statistics.median(ttft)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--skip-torch", action="store_true")
+    args = p.parse_args()
+
+    from milora.assets import cache_root, smollm2_dir
+
+    base_dir = smollm2_dir()
+    root = cache_root() / "bench-runtime"
+    r16 = make_adapters(base_dir, root, 16, {"milora-k1": {"top_k": 1}, "milora-k2": {"top_k": 2},
+                                              "lora-7": {"routed": False}})
+    r32 = make_adapters(base_dir, root, 32, {"milora-k1": {"top_k": 1}, "lora-7": {"routed": False}})
+    exports = {"base": export_once(base_dir, root / "out-base", {}, args.rebuild),
+               "r16": export_once(base_dir, root / "out-r16", r16, args.rebuild),
+               "r32": export_once(base_dir, root / "out-r32", r32, args.rebuild)}
+    results: dict[str, dict] = {}
+    groups = [("base", "base", [None] * 8), ("milora-k1 r16", "r16", [f"milora-k1-r16-{i}" for i in range(8)]),
+              ("milora-k2 r16", "r16", [f"milora-k2-r16-{i}" for i in range(8)]),
+              ("lora-7 r16", "r16", [f"lora-7-r16-{i}" for i in range(8)]),
+              ("milora-k1 r32", "r32", [f"milora-k1-r32-{i}" for i in range(8)]),
+              ("lora-7 r32", "r32", [f"lora-7-r32-{i}" for i in range(8)])]
+    for label, exp, tenants in groups:
+        for batch in (1, 8):
+            results[f"{label} B={batch}"] = time_runtime(exports[exp], tenants[:batch], args.tokens, args.repeats)
+            print(label, batch, results[f"{label} B={batch}"], file=sys.stderr)
+    if not args.skip_torch:
+        for batch in (1, 8):
+            results[f"torch-eager B={batch}"] = time_torch(base_dir, r16["milora-k1-r16-0"], batch, args.tokens,
+                                                           args.repeats)
+            print("torch", batch, results[f"torch-eager B={batch}"], file=sys.stderr)
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+def report(results: dict[str, dict]) -> str:
+    lines = ["| configuration | B | decode tok/s | vs base | vs torch eager | time to first token |", "|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        label, b = key.rsplit(" B=", 1)
+        base = results.get(f"base B={b}", {}).get("tok_s")
+        torch_ = results.get(f"torch-eager B={b}", {}).get("tok_s")
+        vs_base = f"{r['tok_s'] / base:.2f}x" if base else "-"
+        vs_torch = f"{r['tok_s'] / torch_:.2f}x" if torch_ else "-"
+        lines.append(f"| {label} | {b} | {r['tok_s']:.1f} | {vs_base} | {vs_torch} | {1000 * r['ttft_s']:.0f} ms |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
