@@ -222,3 +222,40 @@ def test_tensorrt_target_runs_python_op_and_function(src, tmp_path):
     from milora.export.exporter import check
 
     assert check(out, decode_steps=2)["validation"]["backend"] == "onnxruntime"
+
+
+def test_decode_graph_with_empty_past_equals_prefill(exported):
+    """Past length 0 (the traced example had 2): the decode graph fed the prefill's gates
+    reproduces the prefill graph's logits and KV on the same left-padded prompts."""
+    out, manifest = exported
+    rows = _rows(np.random.default_rng(7), ["gamma", None, "plain"], [4, 1, 6], steps=0)
+    sess = sessions(out, manifest)
+    res = run_graphs(out, manifest, rows, sess)
+    banks = assemble_banks(out, manifest, default_slots(manifest))
+    base = manifest["base"]
+    mask = res["mask"]
+    ids = np.zeros_like(mask)
+    for i, r in enumerate(rows):
+        ids[i, mask.shape[1] - len(r.prompt):] = r.prompt
+    feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.GATES: res["prefill"][mf.GATES],
+             mf.TENANT_SLOTS: np.array([0 if r.tenant is None else manifest["tenants"][r.tenant]["slot"] for r in rows])}
+    for i in range(base["num_layers"]):
+        feeds[mf.past_key(i)] = feeds[mf.past_value(i)] = np.zeros((3, base["num_kv_heads"], 0, base["head_dim"]),
+                                                                   np.float32)
+    feeds.update({n: banks[n] for n in mf.bank_names("decode")})
+    logits, key0 = sess["decode"].run([mf.LOGITS, mf.present_key(0)], feeds)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(logits[real], res["prefill"][mf.LOGITS][real], atol=1e-5)
+    np.testing.assert_allclose(key0.transpose(0, 2, 1, 3)[real], res["prefill"][mf.present_key(0)].transpose(0, 2, 1, 3)[real],
+                               atol=1e-5)
+
+
+def test_qwen2_with_qkv_bias_exports_and_validates(tmp_path):
+    from helpers import tenant, tiny_qwen2
+
+    model_dir = tmp_path / "qwen"
+    tiny_qwen2(0).save_pretrained(str(model_dir))
+    tenant(3, builder=tiny_qwen2, config=TENANTS["beta"]).save_adapter(model_dir)  # root adapter: "default"
+    manifest = export(model_dir, tmp_path / "out", **FAST)
+    assert list(manifest["tenants"]) == ["default"] and manifest["base"]["architecture"] == "Qwen2ForCausalLM"
+    assert manifest["validation"]["compared_selections"] > 0

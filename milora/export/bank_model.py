@@ -36,8 +36,12 @@ def check_supported(model: nn.Module) -> None:
         problems.append(f"hidden_act={cfg.hidden_act!r} (expected 'silu')")
     if getattr(cfg, "use_sliding_window", False):
         problems.append("a sliding attention window")
-    if not hasattr(getattr(model.model, "rotary_emb", None), "inv_freq"):
+    rot = getattr(model.model, "rotary_emb", None)
+    if not hasattr(rot, "inv_freq"):
         problems.append("no rotary embedding at model.model.rotary_emb")
+    elif "dynamic" in str(getattr(rot, "rope_type", "default")):
+        # Frequencies that change with the sequence length cannot be frozen into the graph.
+        problems.append(f"rope_type={rot.rope_type!r}")
     if problems:
         raise UnsupportedModelError(
             f"milora-export cannot export this model: {', '.join(problems)}. Supported: "

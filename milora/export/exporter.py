@@ -56,6 +56,9 @@ class ExportOptions:
             raise ExportError(f"--target {self.target!r}; expected one of {', '.join(TARGETS)}")
         if not 14 <= self.opset <= 20:
             raise ExportError(f"--opset {self.opset} is out of range; expected 14..20 (default {DEFAULT_OPSET})")
+        if self.python_op and (self.target != "tensorrt" or self.dtype != "float32"):
+            raise ExportError(f"--python-op validates a --target tensorrt float32 export; got target {self.target}, "
+                              f"dtype {self.dtype} (drop --python-op, the function body is validated instead)")
         if self.slots is not None and self.slots < 1:
             raise ExportError(f"--slots {self.slots}; expected at least 1 (slot 0 is the base model)")
 

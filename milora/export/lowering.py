@@ -105,6 +105,7 @@ def _update_nodes(em: _Emitter, pre: str, x: str, idx: str, a_flat: str, b_flat:
 
 
 def _lower_dense(em: _Emitter, node, pre: str, idx: str, a_flat: str, b_flat: str) -> None:
+    """y = Add(base_out, update(x, idx, gate))   (every row, every module; gate 0 = no effect)"""
     _, gate3 = _gate(em, node, pre)
     d = _update_nodes(em, pre, node.input[0], idx, a_flat, b_flat, gate3)
     em.nodes.append(helper.make_node("Add", [node.input[1], d], [node.output[0]], name=f"{pre}/Add"))
