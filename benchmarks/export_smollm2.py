@@ -67,8 +67,9 @@ def run_export(model_dir: Path, out: Path, adapters: dict[str, Path], *extra: st
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "manifest": manifest}
 
 
-def decode_latency(out: Path, batch: int, mix: bool, steps: int = 8, prompt: int = 16) -> float:
-    """Median ms per decode step: rows cycle over the tenants (mix) or all use slot 0."""
+def decode_feeds(out: Path, batch: int, mix: bool, prompt: int = 16) -> tuple:
+    """(decode session, feeds) after a prefill of `batch` rows: rows cycle over the tenants
+    and the base model (mix) or all use slot 0."""
     from milora.export.banks import assemble_banks, default_slots
     from milora.export.manifest import read_manifest
     from milora.export.validate import Row, run_graphs, sessions
@@ -89,12 +90,28 @@ def decode_latency(out: Path, batch: int, mix: bool, steps: int = 8, prompt: int
         feeds[f"past_key_values.{i}.value"] = res["prefill"][f"present.{i}.value"]
     wanted = {i["name"] for i in m["graphs"]["decode"]["inputs"]}
     feeds.update({n: banks[n] for n in banks if n in wanted})
-    times = []
-    for _ in range(steps + 2):
-        t = time.perf_counter()
-        sess["decode"].run(["logits"], feeds)
-        times.append(time.perf_counter() - t)
-    return round(1000 * float(np.median(times[2:])), 2)
+    return sess["decode"], feeds
+
+
+def compare_lowerings(outs: dict[str, Path], rounds: int = 15) -> dict[str, dict[str, float]]:
+    """Median ms per decode step of each lowering. Runs are interleaved round by round so a
+    change in machine load hits every lowering alike (the CPU here is shared)."""
+    result: dict[str, dict[str, float]] = {low: {} for low in outs}
+    for batch in (1, 4, 8):
+        for mix in (True, False):
+            label = f"B={batch} {'mixed' if mix else 'base'}"
+            runs = {low: decode_feeds(out, batch, mix) for low, out in outs.items()}
+            times: dict[str, list[float]] = {low: [] for low in outs}
+            for r in range(rounds + 2):
+                for low, (sess, feeds) in runs.items():
+                    t = time.perf_counter()
+                    sess.run(["logits"], feeds)
+                    if r >= 2:  # warm-up rounds
+                        times[low].append(time.perf_counter() - t)
+            for low in outs:
+                result[low][label] = round(1000 * float(np.median(times[low])), 1)
+            print(label, {low: result[low][label] for low in outs}, flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--skip-lowerings", action="store_true")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--reuse", action="store_true", help="reuse lowering exports already in --work")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="milora-bench-export-"))
     model_dir = smollm2_dir()
@@ -116,11 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         outs = {"if_skip": work / "out_if_skip"}
         for low in ("dense", "compact"):
             outs[low] = work / f"out_{low}"
-            run_export(model_dir, outs[low], adapters, "--no-validate", "--lora-lowering", low)
-        for low, out in outs.items():
-            report["lowerings"][low] = {f"B={b} {'mixed' if mix else 'base'}": decode_latency(out, b, mix)
-                                        for b in (1, 4, 8) for mix in (True, False)}
-            print(low, report["lowerings"][low], flush=True)
+            if not (args.reuse and (outs[low] / "manifest.json").is_file()):
+                run_export(model_dir, outs[low], adapters, "--no-validate", "--lora-lowering", low)
+        report["lowerings"] = compare_lowerings(outs)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -5,7 +5,8 @@
     if_skip   dense, inside an If whose condition is "some row's gate is non-zero": a module
               no row uses costs one ReduceMax and nothing else.
     compact   NonZero picks the rows whose gate is non-zero; only those are gathered,
-              multiplied and scattered back (ScatterND).
+              multiplied and scattered back (ScatterND). The default: fastest of the three
+              for mixed batches at B >= 4 and on par for base-only batches (BENCHMARKS.md).
     tensorrt  the node stays (one per layer and module), gains plugin_namespace /
               plugin_version, and the model gets a local function of the same name whose
               body is the dense maths in standard ops (onnxruntime runs it; TensorRT's
@@ -25,7 +26,7 @@ from milora.errors import ExportError
 from milora.export import routed_lora as rl
 
 LOWERINGS = ("dense", "if_skip", "compact")
-DEFAULT_LOWERING = "if_skip"  # chosen by measurement: docs/export.md, benchmarks/export_smollm2.py
+DEFAULT_LOWERING = "compact"  # chosen by measurement: BENCHMARKS.md (benchmarks/export_smollm2.py)
 
 
 class _Emitter:

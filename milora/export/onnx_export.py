@@ -18,6 +18,7 @@ from milora.export import manifest as mf
 from milora.export.bank_model import BankModel, DecodeGraph, PrefillGraph
 from milora.export.lowering import lower
 
+CONSTANT_FOLDING = True
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_SLOTS = 2, 3, 2, 2
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
@@ -57,7 +58,7 @@ def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, 
         torch.onnx.export(module, example_inputs(io, core.base), str(raw), dynamo=False, opset_version=opset,
                           input_names=[s["name"] for s in io["inputs"]],
                           output_names=[s["name"] for s in io["outputs"]], dynamic_axes=dynamic_axes(io),
-                          do_constant_folding=True)
+                          do_constant_folding=CONSTANT_FOLDING)
     model = onnx.load(str(raw))
     for f in raw.parent.glob(raw.name + "*"):
         f.unlink()
