@@ -35,6 +35,7 @@ def test_smollm2_three_tenants_export_and_validate(tmp_path):
     adapters = bench.make_tenants(model_dir, tmp_path)
     run = bench.run_export(model_dir, tmp_path / "out", adapters)
     validation = run["manifest"]["validation"]
+    print(f"SmolLM2 export: {run['wall_s']} s wall, peak RSS {run['peak_rss_mb']} MB, validation {validation}")
     assert validation["compared_selections"] > 0
     assert validation["max_error"]["decode/logits"] < 2e-4
     assert run["peak_rss_mb"] < 6 * 1024, run

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from milora.errors import ExportError, MiloraError
+from milora.errors import ExportError
 from milora.export import manifest as mf
 from milora.export.banks import build_pack, save_pack, tenant_options
 from milora.export.lowering import DEFAULT_LOWERING, LOWERINGS
@@ -237,4 +237,4 @@ def check(out_dir: str | Path, validate: bool = True, python_op: bool = False, d
     return result
 
 
-__all__ = ["ExportOptions", "MiloraError", "check", "export"]
+__all__ = ["ExportOptions", "check", "export"]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from milora.contract import EXPERT_INDEX, NUM_EXPERTS
+from milora.contract import NUM_EXPERTS
 from milora.errors import ValidationError
 from milora.export import manifest as mf
 from milora.export.banks import assemble_banks, default_slots
