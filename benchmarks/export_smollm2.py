@@ -122,17 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-lowerings", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--reuse", action="store_true", help="reuse lowering exports already in --work")
+    p.add_argument("--torch-threads", type=int, default=None, help="passed to milora-export")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="milora-bench-export-"))
     model_dir = smollm2_dir()
     adapters = make_tenants(model_dir, work)
-    main_run = run_export(model_dir, work / "out_if_skip", adapters)
+    threads = ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
+    main_run = run_export(model_dir, work / "out_compact", adapters, *threads)
     report = {"export": {k: v for k, v in main_run.items() if k != "manifest"},
               "validation": main_run["manifest"]["validation"], "lowerings": {}}
     print(json.dumps(report, indent=1), flush=True)
     if not args.skip_lowerings:
-        outs = {"if_skip": work / "out_if_skip"}
-        for low in ("dense", "compact"):
+        outs = {"compact": work / "out_compact"}
+        for low in ("dense", "if_skip"):
             outs[low] = work / f"out_{low}"
             if not (args.reuse and (outs[low] / "manifest.json").is_file()):
                 run_export(model_dir, outs[low], adapters, "--no-validate", "--lora-lowering", low)

@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
                         "function body")
     p.add_argument("--decode-steps", type=int, default=3, help="decode steps checked by the validation")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch intra-op threads for tracing and the reference (default: torch's; 1 is much "
+                        "faster on an oversubscribed machine)")
     p.add_argument("--check", type=Path, metavar="OUT_DIR", help="verify an exported directory (sha256 of every "
                    "file) and re-validate it against PyTorch when its sources still exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -58,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.check is not None:
             result = check(args.check, validate=args.validate, python_op=args.python_op,
-                           decode_steps=args.decode_steps)
+                           decode_steps=args.decode_steps, threads=args.torch_threads)
             print(json.dumps(result, indent=2))
             return 0
         if args.model_dir is None or args.out_dir is None:
             raise MiloraError("MODEL_DIR and OUT_DIR are required (or --check OUT_DIR)")
         opts = ExportOptions(dtype=args.dtype, opset=args.opset, slots=args.slots, lora_lowering=args.lora_lowering,
                              target=args.target, validate=args.validate, force=args.force,
-                             decode_steps=args.decode_steps, python_op=args.python_op, progress=not args.quiet)
+                             decode_steps=args.decode_steps, python_op=args.python_op, progress=not args.quiet,
+                             torch_threads=args.torch_threads)
         manifest = export(args.model_dir, args.out_dir, _adapters(args.adapter), opts)
         print(f"exported {len(manifest['tenants'])} tenant(s) to {args.out_dir} in {manifest['export_seconds']} s; "
               f"validation: {json.dumps(manifest['validation'])}")

@@ -145,11 +145,15 @@ def sessions(root: Path, manifest: dict[str, Any], python_op: bool = False) -> d
     """onnxruntime sessions of both graphs; python_op registers the Python RoutedLora."""
     import onnxruntime as ort
 
-    opts = None
     if python_op:
         from milora.export.pyop import with_python_op
 
         opts = with_python_op()
+    else:
+        opts = ort.SessionOptions()
+    # Idle onnxruntime threads spin by default, stealing the CPU from the PyTorch reference
+    # that runs between graph calls.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return {g: ort.InferenceSession(str(root / manifest["graphs"][g]["file"]), sess_options=opts,
                                     providers=["CPUExecutionProvider"]) for g in ("prefill", "decode")}
 
