@@ -172,6 +172,7 @@ def test_unused_modules_are_not_computed(src, tmp_path, lowering):
     model_dir, _ = src
     out = tmp_path / "out"
     manifest = export(model_dir, out, lora_lowering=lowering, validate=False, progress=False)
+    onnx.checker.check_model(str(out / mf.DECODE_FILE), full_check=True)
     nl = manifest["base"]["num_layers"]
     rng = np.random.default_rng(0)
     gates = np.zeros((2, nl, NUM_EXPERTS), np.float32)
@@ -259,3 +260,11 @@ def test_qwen2_with_qkv_bias_exports_and_validates(tmp_path):
     manifest = export(model_dir, tmp_path / "out", **FAST)
     assert list(manifest["tenants"]) == ["default"] and manifest["base"]["architecture"] == "Qwen2ForCausalLM"
     assert manifest["validation"]["compared_selections"] > 0
+
+
+def test_tensorrt_target_fp16_function_body_validates(src, tmp_path):
+    """The plugin-node graph in fp16: onnxruntime runs the function body (CastLike of the
+    float32 gates to fp16) and the result matches the fp16 reference."""
+    model_dir, _ = src
+    manifest = export(model_dir, tmp_path / "out", target="tensorrt", dtype="fp16", **FAST)
+    assert manifest["lora_lowering"] == "plugin" and manifest["validation"]["compared_selections"] > 0
