@@ -8,6 +8,7 @@ specialise under torch.export; the tracer is kept to the same habit).
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -52,21 +53,22 @@ def dynamic_axes(io: dict) -> dict[str, dict[int, str]]:
 def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, lowering: str) -> None:
     """Trace one graph, lower its RoutedLora nodes, save it with its weights in path.data."""
     module = PrefillGraph(core) if graph == "prefill" else DecodeGraph(core)
-    raw = path.with_suffix(".raw.onnx")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, example_inputs(io, core.base), str(raw), dynamo=False, opset_version=opset,
-                          input_names=[s["name"] for s in io["inputs"]],
-                          output_names=[s["name"] for s in io["outputs"]], dynamic_axes=dynamic_axes(io),
-                          do_constant_folding=CONSTANT_FOLDING)
-    model = onnx.load(str(raw))
-    for f in raw.parent.glob(raw.name + "*"):
-        f.unlink()
+    # The tracer may spill weights next to its output (models over 2 GB): trace into a
+    # scratch directory of its own and remove it whole.
+    scratch = path.parent / f".trace-{graph}"
+    scratch.mkdir()
+    raw = scratch / "model.onnx"
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example_inputs(io, core.base), str(raw), dynamo=False, opset_version=opset,
+                              input_names=[s["name"] for s in io["inputs"]],
+                              output_names=[s["name"] for s in io["outputs"]], dynamic_axes=dynamic_axes(io),
+                              do_constant_folding=CONSTANT_FOLDING)
+        model = onnx.load(str(raw))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     lower(model, lowering, core.base["num_layers"])
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=path.name + ".data", size_threshold=1024)
-
-
-def check_graph(path: Path) -> None:
-    onnx.checker.check_model(str(path), full_check=False)
 
