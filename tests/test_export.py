@@ -161,17 +161,19 @@ def _profiled_lora_rows(path, feeds, profile_dir) -> dict[str, int]:
 
 # rows multiplied per module (2 layers) when row 0 uses q_proj and row 1 uses k_proj only
 EXPECTED_ROWS = {"dense": {m: 4 for m in EXPERTS}, "if_skip": {"q_proj": 4, "k_proj": 4},
-                 "compact": {"q_proj": 2, "k_proj": 2}}
+                 "compact": {"q_proj": 2, "k_proj": 2}, "if_compact": {"q_proj": 2, "k_proj": 2}}
 
 
-@pytest.mark.parametrize("lowering", ["if_skip", "compact", "dense"])
+@pytest.mark.parametrize("lowering", ["if_skip", "compact", "if_compact", "dense"])
 def test_unused_modules_are_not_computed(src, tmp_path, lowering):
-    """Decode with row 0 on q_proj and row 1 on k_proj only: onnxruntime's node profile shows
-    if_skip running no LoRA MatMul for the 5 unused modules, compact multiplying only the
-    rows that use a module, dense multiplying every row of every module."""
+    """Every lowering validates against the reference. Then decode with row 0 on q_proj and
+    row 1 on k_proj only: onnxruntime's node profile shows if_skip running no LoRA MatMul for
+    the 5 unused modules, compact multiplying only the rows that use a module (zero rows
+    elsewhere), dense multiplying every row of every module."""
     model_dir, _ = src
     out = tmp_path / "out"
-    manifest = export(model_dir, out, lora_lowering=lowering, validate=False, progress=False)
+    manifest = export(model_dir, out, lora_lowering=lowering, progress=False, decode_steps=1)  # validated
+    assert manifest["lora_lowering"] == lowering and manifest["validation"]["compared_selections"] > 0
     onnx.checker.check_model(str(out / mf.DECODE_FILE), full_check=True)
     nl = manifest["base"]["num_layers"]
     rng = np.random.default_rng(0)

@@ -4,6 +4,7 @@
               multiplies the rank-R intermediate.
     if_skip   dense, inside an If whose condition is "some row's gate is non-zero": a module
               no row uses costs one ReduceMax and nothing else.
+    if_compact compact inside the same If (a module no row uses skips the NonZero too).
     compact   NonZero picks the rows whose gate is non-zero; only those are gathered,
               multiplied and scattered back (ScatterND). The default: fastest of the three
               for mixed batches at B >= 4 and on par for base-only batches (BENCHMARKS.md).
@@ -25,7 +26,7 @@ from milora.contract import EXPERTS
 from milora.errors import ExportError
 from milora.export import routed_lora as rl
 
-LOWERINGS = ("dense", "if_skip", "compact")
+LOWERINGS = ("dense", "if_skip", "compact", "if_compact")
 DEFAULT_LOWERING = "compact"  # chosen by measurement: BENCHMARKS.md (benchmarks/export_smollm2.py)
 
 
@@ -112,22 +113,30 @@ def _lower_dense(em: _Emitter, node, pre: str, idx: str, a_flat: str, b_flat: st
     em.nodes.append(helper.make_node("Add", [node.input[1], d], [node.output[0]], name=f"{pre}/Add"))
 
 
-def _lower_if_skip(em: _Emitter, node, pre: str, idx: str, a_flat: str, b_flat: str) -> None:
-    """cond = ReduceMax(gate) > 0;  y = If(cond, then: base_out + update, else: base_out)."""
-    g, gate3 = _gate(em, node, pre)
-    mx = em.node("ReduceMax", [g], f"{pre}/AnyRow", keepdims=0)
-    cond = em.node("Greater", [mx, _zero_f32(em)], f"{pre}/Used")
-    inner = _Emitter(em.graph)
-    inner.cache = {k: v for k, v in em.cache.items() if k[0] == "const"}  # outer constants are visible
-    d = _update_nodes(inner, pre + "/then", node.input[0], idx, a_flat, b_flat, gate3)
-    out_then, out_else = f"{pre}/then/y", f"{pre}/else/y"
-    inner.nodes.append(helper.make_node("Add", [node.input[1], d], [out_then], name=f"{pre}/then/Add"))
-    vi = helper.make_tensor_value_info
-    then_g = helper.make_graph(inner.nodes, f"{pre}/then", [], [vi(out_then, _elem(em, node), None)])
-    else_g = helper.make_graph([helper.make_node("Identity", [node.input[1]], [out_else], name=f"{pre}/else/Id")],
-                               f"{pre}/else", [], [vi(out_else, _elem(em, node), None)])
-    em.nodes.append(helper.make_node("If", [cond], [node.output[0]], name=f"{pre}/If",
-                                     then_branch=then_g, else_branch=else_g))
+def _in_if(inner):
+    """Wrap a lowering in an If on "some row's gate is non-zero":
+
+        cond = ReduceMax(gate) > 0
+        y    = If(cond, then: inner(...) [nodes named pre/then/...], else: Identity(base_out))
+    """
+    def lower_in_if(em: _Emitter, node, pre: str, idx: str, a_flat: str, b_flat: str) -> None:
+        g, _ = _gate(em, node, pre)
+        mx = em.node("ReduceMax", [g], f"{pre}/AnyRow", keepdims=0)
+        cond = em.node("Greater", [mx, _zero_f32(em)], f"{pre}/Used")
+        branch = _Emitter(em.graph)
+        branch.cache = {k: v for k, v in em.cache.items() if k[0] in ("const", "zero")}  # outer names are visible
+        out_then, out_else = f"{pre}/then/y", f"{pre}/else/y"
+        inner_node = onnx.NodeProto()
+        inner_node.CopyFrom(node)
+        inner_node.output[0] = out_then
+        inner(branch, inner_node, pre + "/then", idx, a_flat, b_flat)
+        vi = helper.make_tensor_value_info
+        then_g = helper.make_graph(branch.nodes, f"{pre}/then", [], [vi(out_then, _elem(em, node), None)])
+        else_g = helper.make_graph([helper.make_node("Identity", [node.input[1]], [out_else], name=f"{pre}/else/Id")],
+                                   f"{pre}/else", [], [vi(out_else, _elem(em, node), None)])
+        em.nodes.append(helper.make_node("If", [cond], [node.output[0]], name=f"{pre}/If",
+                                         then_branch=then_g, else_branch=else_g))
+    return lower_in_if
 
 
 def _lower_compact(em: _Emitter, node, pre: str, idx: str, a_flat: str, b_flat: str) -> None:
@@ -155,7 +164,8 @@ def _elem(em: _Emitter, node) -> int:
     return em.inputs[node.input[2]].type.tensor_type.elem_type
 
 
-_LOWER = {"dense": _lower_dense, "if_skip": _lower_if_skip, "compact": _lower_compact}
+_LOWER = {"dense": _lower_dense, "if_skip": _in_if(_lower_dense), "compact": _lower_compact,
+          "if_compact": _in_if(_lower_compact)}
 
 
 def lower(model: onnx.ModelProto, mode: str, num_layers: int) -> onnx.ModelProto:
