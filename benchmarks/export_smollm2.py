@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=1), flush=True)
     if not args.skip_lowerings:
         outs = {"compact": work / "out_compact"}
-        for low in ("dense", "if_skip"):
+        for low in ("dense", "if_skip", "if_compact"):
             outs[low] = work / f"out_{low}"
             if not (args.reuse and (outs[low] / "manifest.json").is_file()):
                 run_export(model_dir, outs[low], adapters, "--no-validate", "--lora-lowering", low)

@@ -6,8 +6,8 @@
               no row uses costs one ReduceMax and nothing else.
     if_compact compact inside the same If (a module no row uses skips the NonZero too).
     compact   NonZero picks the rows whose gate is non-zero; only those are gathered,
-              multiplied and scattered back (ScatterND). The default: fastest of the three
-              for mixed batches at B >= 4 and on par for base-only batches (BENCHMARKS.md).
+              multiplied and scattered back (ScatterND). The default: fastest for mixed
+              batches at B >= 4 and on par for base-only batches (BENCHMARKS.md).
     tensorrt  the node stays (one per layer and module), gains plugin_namespace /
               plugin_version, and the model gets a local function of the same name whose
               body is the dense maths in standard ops (onnxruntime runs it; TensorRT's
