@@ -80,3 +80,11 @@ def test_unknown_tenant_lists_known_ones():
     reg, _ = make(3)
     with pytest.raises(TenantError, match="unknown tenant 'zz'.*a, b, c, d"):
         reg.acquire("zz")
+
+
+def test_base_only_export_has_no_tenant_slot():
+    banks = Banks(1)
+    reg = TenantRegistry(1, banks.load, banks.unload)  # an export without adapters
+    reg.add("a", "pack-a")
+    with pytest.raises(TenantError, match="all 0 adapter slots"):
+        reg.acquire("a")

@@ -26,8 +26,8 @@ class _Tenant:
 class TenantRegistry:
     def __init__(self, num_slots: int, load: Callable[[int, str, Any], None], unload: Callable[[int], None]):
         """load(slot, name, source) writes a tenant's adapter into a slot; unload(slot) clears it."""
-        if num_slots < 2:
-            raise TenantError(f"need at least 2 slots (slot 0 is the base model), got {num_slots}")
+        if num_slots < 1:
+            raise TenantError(f"need at least 1 slot (slot 0, the base model), got {num_slots}")
         self.num_slots = num_slots
         self._load, self._unload = load, unload
         self._tenants: dict[str, _Tenant] = {}
