@@ -86,5 +86,5 @@ def test_base_only_export_has_no_tenant_slot():
     banks = Banks(1)
     reg = TenantRegistry(1, banks.load, banks.unload)  # an export without adapters
     reg.add("a", "pack-a")
-    with pytest.raises(TenantError, match="all 0 adapter slots"):
+    with pytest.raises(TenantError, match="no adapter slots.*--slots"):
         reg.acquire("a")

@@ -117,6 +117,9 @@ class TenantRegistry:
         for s in range(1, self.num_slots):
             if s not in used:
                 return s
+        if self.num_slots == 1:
+            raise TenantError("this export has no adapter slots (it was exported without adapters); re-export "
+                              "with --slots N to serve tenants")
         idle = [t for t in self._tenants.values() if t.slot is not None and t.refs == 0 and not t.pinned]
         if not idle:
             raise TenantError(
