@@ -126,13 +126,24 @@ class OrtBackend:
 
     def decode(self, ids: np.ndarray, kv: BatchKV, slots: np.ndarray, gates: np.ndarray) -> np.ndarray:
         """One decode step for the running batch: ids [B] -> logits [B, V]; kv advances by one."""
-        mask = np.concatenate([kv.mask, np.ones((kv.mask.shape[0], 1), dtype=np.int64)], axis=1)  # [B, P+1]
-        feeds = {mf.INPUT_IDS: ids.reshape(-1, 1).astype(np.int64), mf.ATTENTION_MASK: mask,
-                 mf.TENANT_SLOTS: slots, mf.GATES: gates}
+        ones = np.ones((ids.shape[0], 1), dtype=np.int64)
+        return self.extend(ids.reshape(-1, 1), ones, kv, slots, gates)[:, -1, :]
+
+    def extend(self, ids: np.ndarray, new_mask: np.ndarray, kv: BatchKV, slots: np.ndarray,
+               gates: np.ndarray) -> np.ndarray:
+        """Run the decode graph (no router) on T new tokens per row: ids [B, T], new_mask [B, T]
+        (0 marks right padding) -> logits [B, T, V]; kv advances by T."""
+        mask = np.concatenate([kv.mask, new_mask.astype(np.int64)], axis=1)  # [B, P+T]
+        feeds = {mf.INPUT_IDS: ids.astype(np.int64), mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots,
+                 mf.GATES: gates}
         feeds.update(zip(self.past_names, kv.past))
         out = self._run("decode", feeds, [mf.LOGITS, *self.present_names])
         kv.mask, kv.past = mask, out[1:]
-        return out[0].numpy()[:, -1, :].astype(np.float32)
+        return out[0].numpy().astype(np.float32, copy=False)
+
+    def repeat_rows(self, kv: BatchKV, n: int) -> BatchKV:
+        """Each row repeated n times (one prompt's cache for n continuations)."""
+        return BatchKV(np.repeat(kv.mask, n, axis=0), [np.repeat(self._host(x), n, axis=0) for x in kv.past])
 
     # ---- membership changes (numpy; not per step) ----
 
