@@ -12,6 +12,7 @@ Everything is cached under $MILORA_CACHE (default ~/.cache/milora); a second run
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,15 +24,25 @@ DEMO_EXPORT = "demo-export"
 TENANT_TASKS = {"arc-easy": "arc_e", "boolq": "boolq", "gsm-symbolic": "gsm_symbolic"}
 
 
-def _export_is_current(out_dir: Path, tenants: dict[str, Path]) -> bool:
+def _fingerprint(base: Path, tenants: dict[str, Path]) -> dict[str, str]:
+    """sha256 of the inputs an export was made from (retraining a tenant invalidates it)."""
+    from milora.contract import ADAPTER_WEIGHTS_FILE
+    from milora.export.manifest import sha256_file
+
+    files = {"base": base / "model.safetensors", **{n: p / ADAPTER_WEIGHTS_FILE for n, p in tenants.items()}}
+    return {n: sha256_file(f) if f.is_file() else "missing" for n, f in sorted(files.items())}
+
+
+def _export_is_current(out_dir: Path, fingerprint: dict[str, str]) -> bool:
     from milora.export.manifest import read_manifest, verify_files
 
+    stamp = out_dir.with_name(out_dir.name + ".inputs.json")
     try:
         manifest = read_manifest(out_dir)
         verify_files(out_dir, manifest)
     except MiloraError:
         return False
-    return sorted(manifest["tenants"]) == sorted(tenants)
+    return stamp.is_file() and json.loads(stamp.read_text()) == fingerprint
 
 
 def build(cache: Path | None = None, force: bool = False) -> Path:
@@ -48,10 +59,13 @@ def build(cache: Path | None = None, force: bool = False) -> Path:
     for name, path in tenants.items():
         print(f"      {name}: {path}")
     out_dir = (Path(cache) if cache else cache_root()) / DEMO_EXPORT
-    if force or not _export_is_current(out_dir, tenants):
+    fingerprint = _fingerprint(base, tenants)
+    if force or not _export_is_current(out_dir, fingerprint):
         print("[3/4] milora-export (prefill + decode graphs, validated against PyTorch) ...", flush=True)
         t0 = time.perf_counter()
         export(base, out_dir, adapters={n: str(p) for n, p in tenants.items()}, force=True)
+        # Beside OUT_DIR, not in it: OUT_DIR holds exactly the files its manifest lists.
+        out_dir.with_name(out_dir.name + ".inputs.json").write_text(json.dumps(fingerprint, indent=1))
         print(f"      exported to {out_dir} in {time.perf_counter() - t0:.0f} s")
     else:
         print(f"[3/4] export is cached and matches its manifest: {out_dir}")
