@@ -12,7 +12,7 @@ import pytest
 
 from export_helpers import TENANTS, make_model_dir, save_peft
 from milora.contract import EXPERTS, NUM_EXPERTS
-from milora.errors import ValidationError
+from milora.errors import ExportError, ValidationError
 from milora.export import manifest as mf
 from milora.export.banks import assemble_banks, default_slots
 from milora.export.exporter import export, load_base
@@ -126,6 +126,11 @@ def test_manifest_matches_files_and_graphs(exported):
         want = {i["name"]: (i["shape"], f"tensor({i['dtype'].replace('float32', 'float')})") for i in spec["inputs"]}
         assert got == {k: (s, t.replace("float16", "float16")) for k, (s, t) in want.items()}
         assert [o.name for o in sess.get_outputs()] == [o["name"] for o in spec["outputs"]]
+        assert [o.shape for o in sess.get_outputs()] == [o["shape"] for o in spec["outputs"]]
+    # The default prefill emits the last position only; decode emits its T new positions.
+    assert manifest["graphs"]["prefill"]["logits_positions"] == mf.LOGITS_LAST
+    assert manifest["graphs"]["prefill"]["outputs"][0]["shape"] == [mf.AXIS_BATCH, 1, manifest["base"]["vocab_size"]]
+    assert manifest["graphs"]["decode"]["logits_positions"] == mf.LOGITS_ALL
     decode_inputs = {i["name"] for i in manifest["graphs"]["decode"]["inputs"]}
     assert not decode_inputs & set(mf.ROUTER_BANKS), "the decode graph must not take router banks"
     assert mf.GATES in decode_inputs
@@ -248,7 +253,9 @@ def test_decode_graph_with_empty_past_equals_prefill(exported):
     feeds.update({n: banks[n] for n in mf.bank_names("decode")})
     logits, key0 = sess["decode"].run([mf.LOGITS, mf.present_key(0)], feeds)
     real = mask.astype(bool)
-    np.testing.assert_allclose(logits[real], res["prefill"][mf.LOGITS][real], atol=1e-5)
+    # The prefill graph's logits are the last position's, every row's last real token.
+    assert res["prefill"][mf.LOGITS].shape == (3, 1, base["vocab_size"])
+    np.testing.assert_allclose(logits[:, -1], res["prefill"][mf.LOGITS][:, 0], atol=1e-5)
     np.testing.assert_allclose(key0.transpose(0, 2, 1, 3)[real], res["prefill"][mf.present_key(0)].transpose(0, 2, 1, 3)[real],
                                atol=1e-5)
 
@@ -270,3 +277,22 @@ def test_tensorrt_target_fp16_function_body_validates(src, tmp_path):
     model_dir, _ = src
     manifest = export(model_dir, tmp_path / "out", target="tensorrt", dtype="fp16", **FAST)
     assert manifest["lora_lowering"] == "plugin" and manifest["validation"]["compared_selections"] > 0
+
+
+def test_prefill_logits_all_positions_option(src, exported, tmp_path):
+    """--prefill-logits all keeps [B,T,V]: validated at every real position, and its last
+    position equals the default graph's [B,1,V] logits on the same left-padded batch."""
+    model_dir, peft = src
+    out_last, manifest_last = exported
+    out = tmp_path / "out"
+    manifest = export(model_dir, out, {"plain": peft}, prefill_logits="all", **FAST)
+    spec = manifest["graphs"]["prefill"]
+    assert spec["logits_positions"] == mf.LOGITS_ALL
+    assert spec["outputs"][0]["shape"] == [mf.AXIS_BATCH, mf.AXIS_SEQ, manifest["base"]["vocab_size"]]
+    rows = _rows(np.random.default_rng(3), ["alpha", None, "plain"], [5, 1, 3], steps=0)
+    full = run_graphs(out, manifest, rows, sessions(out, manifest))["prefill"][mf.LOGITS]
+    last = run_graphs(out_last, manifest_last, rows, sessions(out_last, manifest_last))["prefill"][mf.LOGITS]
+    assert full.shape == (3, 5, manifest["base"]["vocab_size"]) and last.shape == (3, 1, full.shape[2])
+    np.testing.assert_allclose(full[:, -1:], last, atol=1e-5)
+    with pytest.raises(ExportError, match="prefill-logits"):
+        export(model_dir, tmp_path / "bad", prefill_logits="first", **FAST)

@@ -122,8 +122,10 @@ class BankModel(nn.Module):
         a = F.silu(g) * u
         return self.lora(l, "down_proj", a, mlp.down_proj(a), banks, slots, gates_l)
 
-    def run(self, ids, mask, past, slots, gates, banks):
-        """Shared body. gates is None in prefill (routers run per layer) or [B, L, E] in decode."""
+    def run(self, ids, mask, past, slots, gates, banks, last_only: bool = False):
+        """Shared body. gates is None in prefill (routers run per layer) or [B, L, E] in decode.
+        last_only: logits of the last position only ([B, 1, V]); with left padding that is
+        every row's last real token, and it spares the LM head over the rest of the prompt."""
         h = self.hf.model.embed_tokens(ids)  # [B, T, d]
         cos, sin, allowed = self.positions(mask, ids.shape[1])
         presents, layer_gates = [], []
@@ -138,19 +140,22 @@ class BankModel(nn.Module):
             h = h + a
             h = h + self.mlp(l, layer.post_attention_layernorm(h), banks, slots, gates_l)
             presents += [k, v]
-        logits = self.hf.lm_head(self.hf.model.norm(h))  # [B, T, V]
+        if last_only:
+            h = h[:, -1:]  # [B, 1, d]
+        logits = self.hf.lm_head(self.hf.model.norm(h))  # [B, T or 1, V]
         return logits, presents, (torch.stack(layer_gates, dim=1) if gates is None else None)
 
 
 class PrefillGraph(nn.Module):
-    def __init__(self, core: BankModel):
+    def __init__(self, core: BankModel, logits_positions: str = mf.LOGITS_LAST):
         super().__init__()
         self.core = core
         self.bank_names = mf.bank_names("prefill")
+        self.last_only = logits_positions == mf.LOGITS_LAST
 
     def forward(self, input_ids, attention_mask, tenant_slots, *banks):
         logits, presents, gates = self.core.run(input_ids, attention_mask, None, tenant_slots, None,
-                                                dict(zip(self.bank_names, banks)))
+                                                dict(zip(self.bank_names, banks)), last_only=self.last_only)
         return (logits, *presents, gates)
 
 

@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-lowering", default=DEFAULT_LOWERING, choices=LOWERINGS,
                    help=f"routed-LoRA lowering for onnxruntime (default {DEFAULT_LOWERING}, chosen by measurement)")
     p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--prefill-logits", default="last", choices=["last", "all"],
+                   help="prefill logits for the last position only [B,1,V] (default: what serving needs) or "
+                        "for every prompt position [B,T,V] (scoring prompts)")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation against PyTorch")
     p.add_argument("--python-op", action="store_true",
                    help="validate a --target tensorrt graph with the Python RoutedLora (fp32) instead of its "
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = ExportOptions(dtype=args.dtype, opset=args.opset, slots=args.slots, lora_lowering=args.lora_lowering,
                              target=args.target, validate=args.validate, force=args.force,
                              decode_steps=args.decode_steps, python_op=args.python_op, progress=not args.quiet,
+                             prefill_logits=args.prefill_logits,
                              torch_threads=args.torch_threads)
         manifest = export(args.model_dir, args.out_dir, _adapters(args.adapter), opts)
         print(f"exported {len(manifest['tenants'])} tenant(s) to {args.out_dir} in {manifest['export_seconds']} s; "

@@ -44,6 +44,7 @@ class ExportOptions:
     force: bool = False
     decode_steps: int = 3
     python_op: bool = False  # validate a tensorrt-target graph with the Python op (float32)
+    prefill_logits: str = "last"  # "last": prefill logits [B,1,V]; "all": [B,T,V] (manifest.LOGITS_POSITIONS)
     # torch intra-op threads while exporting and validating (None: torch's default). On an
     # oversubscribed machine 1 is much faster: a SmolLM2 forward took 2.0 s with 2 threads
     # and 0.14 s with 1 on the shared 2-core dev box (load ~7).
@@ -64,6 +65,9 @@ class ExportOptions:
         if self.python_op and (self.target != "tensorrt" or self.dtype != "float32"):
             raise ExportError(f"--python-op validates a --target tensorrt float32 export; got target {self.target}, "
                               f"dtype {self.dtype} (drop --python-op, the function body is validated instead)")
+        if self.prefill_logits not in mf.LOGITS_POSITIONS:
+            raise ExportError(f"--prefill-logits {self.prefill_logits!r}; expected one of "
+                              f"{', '.join(mf.LOGITS_POSITIONS)}")
         if self.slots is not None and self.slots < 1:
             raise ExportError(f"--slots {self.slots}; expected at least 1 (slot 0 is the base model)")
 
@@ -212,7 +216,8 @@ def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: 
 
     graphs = {}
     for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
-        graphs[graph] = dict(file=file, data_file=file + ".data", **mf.graph_io(graph, base, max_rank, opts.dtype))
+        graphs[graph] = dict(file=file, data_file=file + ".data", **mf.graph_io(graph, base, max_rank, opts.dtype,
+                                                                             opts.prefill_logits))
     tenant_info = {}
     for slot, t in enumerate(tenants, start=1):
         tenant_info[t.name] = {"slot": slot, "pack": f"{mf.PACK_DIR}/{t.name}.safetensors", "kind": t.kind,

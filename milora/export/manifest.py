@@ -8,7 +8,8 @@ S adapter slots, R the export's max rank, Hkv KV heads, D head dim, V vocab, d h
 Graphs (names below; every graph input/output is also listed, with shapes, in manifest.json):
   prefill: input_ids [B,T] int64, attention_mask [B,T] int64 (left padding), tenant_slots [B]
            int64, LoRA banks, router banks, slot options
-        -> logits [B,T,V], present.{i}.key/value [B,Hkv,T,D], gates [B,L,E] float32
+        -> logits [B,1,V] (last position; [B,T,V] when exported with prefill logits "all"),
+           present.{i}.key/value [B,Hkv,T,D], gates [B,L,E] float32
   decode:  input_ids [B,T] int64, attention_mask [B,P+T] int64, past_key_values.{i}.key/value
            [B,Hkv,P,D], tenant_slots [B], gates [B,L,E] float32, LoRA banks
         -> logits [B,T,V], present.{i}.key/value [B,Hkv,P+T,D]          (no router)
@@ -41,6 +42,13 @@ ATTENTION_MASK = "attention_mask"
 TENANT_SLOTS = "tenant_slots"
 GATES = "gates"
 LOGITS = "logits"
+
+# Which positions a graph's logits cover, recorded per graph as "logits_positions". Prefill
+# emits the last position by default: serving samples from it alone, and the LM head over
+# every prompt token (V = 49152 for SmolLM2) costs time to first token and memory. "all"
+# keeps [B,T,V] for users who score prompts. Decode always emits all its T new positions.
+LOGITS_LAST, LOGITS_ALL = "last", "all"
+LOGITS_POSITIONS = (LOGITS_LAST, LOGITS_ALL)
 
 
 def past_key(i: int) -> str:
@@ -124,8 +132,12 @@ def bank_names(graph: str) -> list[str]:
 AXIS_BATCH, AXIS_SEQ, AXIS_PAST, AXIS_TOTAL, AXIS_SLOTS = "batch", "sequence", "past_sequence", "total_sequence", "slots"
 
 
-def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str) -> dict[str, list[dict[str, Any]]]:
-    """{'inputs': [...], 'outputs': [...]} each {name, shape (ints or axis names), dtype}."""
+def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str,
+             prefill_logits: str = LOGITS_LAST) -> dict[str, Any]:
+    """{'inputs': [...], 'outputs': [...], 'logits_positions': 'last' | 'all'}; inputs and
+    outputs each {name, shape (ints or axis names), dtype}. prefill_logits applies to prefill."""
+    if prefill_logits not in LOGITS_POSITIONS:
+        raise ValueError(f"prefill_logits={prefill_logits!r}; expected one of {LOGITS_POSITIONS}")
     nl, hkv, hd, v = base["num_layers"], base["num_kv_heads"], base["head_dim"], base["vocab_size"]
     b, t = AXIS_BATCH, AXIS_SEQ
     kv_len = t if graph == "prefill" else AXIS_TOTAL
@@ -141,13 +153,14 @@ def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str) -> dic
     specs = bank_specs(base, max_rank, dtype)
     for name in bank_names(graph):
         inputs.append({"name": name, "shape": [AXIS_SLOTS, *specs[name]["shape"]], "dtype": specs[name]["dtype"]})
-    outputs = [{"name": LOGITS, "shape": [b, t, v], "dtype": dtype}]
+    positions = prefill_logits if graph == "prefill" else LOGITS_ALL
+    outputs = [{"name": LOGITS, "shape": [b, 1 if positions == LOGITS_LAST else t, v], "dtype": dtype}]
     for i in range(nl):
         for name in (present_key(i), present_value(i)):
             outputs.append({"name": name, "shape": [b, hkv, kv_len, hd], "dtype": dtype})
     if graph == "prefill":
         outputs.append({"name": GATES, "shape": [b, nl, NUM_EXPERTS], "dtype": "float32"})
-    return {"inputs": inputs, "outputs": outputs}
+    return {"inputs": inputs, "outputs": outputs, "logits_positions": positions}
 
 
 # ---- manifest.json ----

@@ -50,9 +50,20 @@ def dynamic_axes(io: dict) -> dict[str, dict[int, str]]:
             for s in io["inputs"] + io["outputs"]}
 
 
+def declare_fixed_dims(model: onnx.ModelProto, io: dict) -> None:
+    """Write the contract's fixed output sizes into the graph's declared outputs: the tracer
+    names the size-1 axis of the last-position logits symbolically (h[:, -1:])."""
+    specs = {s["name"]: s["shape"] for s in io["outputs"]}
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for dim, want in zip(dims, specs.get(out.name, [])):
+            if isinstance(want, int):
+                dim.dim_value = want
+
+
 def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, lowering: str) -> None:
     """Trace one graph, lower its RoutedLora nodes, save it with its weights in path.data."""
-    module = PrefillGraph(core) if graph == "prefill" else DecodeGraph(core)
+    module = PrefillGraph(core, io["logits_positions"]) if graph == "prefill" else DecodeGraph(core)
     # The tracer may spill weights next to its output (models over 2 GB): trace into a
     # scratch directory of its own and remove it whole.
     scratch = path.parent / f".trace-{graph}"
@@ -69,6 +80,7 @@ def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     lower(model, lowering, core.base["num_layers"])
+    declare_fixed_dims(model, io)
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=path.name + ".data", size_threshold=1024)
 
