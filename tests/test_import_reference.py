@@ -411,3 +411,19 @@ def test_bfloat16_checkpoints_import_as_float32(tmp_path):
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert torch.equal(tensors["layers.0.v_proj.lora_B"], modules[2].module_b.weight.detach().float())
     assert torch.equal(tensors["layers.2.router.weight"], gatings[2].lora_gate.w_gate.detach().float().t())
+
+
+def test_reference_checkpoint_exports_and_validates(tmp_path):
+    """A reference-code checkpoint is a tenant of milora-export like any other: exported next
+    to a MiLoRA tenant and validated (both graphs, per row) against the PyTorch reference."""
+    from milora.export.exporter import export
+
+    build = no_gqa(llama)
+    model_dir = tmp_path / "model"
+    build().save_pretrained(str(model_dir))
+    modules, gatings = make_reference(build(), pooler="attn", k=2)
+    ref_dir = save_reference(tmp_path / "ref", modules, gatings)
+    manifest = export(model_dir, tmp_path / "out", adapters={"ref": str(ref_dir)}, progress=False)
+    assert manifest["tenants"]["ref"]["kind"] == "reference"
+    report = manifest["validation"]
+    assert report["compared_selections"] > 0 and not report["skipped_rows"]
