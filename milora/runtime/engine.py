@@ -74,6 +74,10 @@ class Engine:
         self._rows: list[Request] = []
         self._kv: BatchKV = self.backend.empty_kv()
         self._kv_reserved = 0
+        # Per-row decode inputs derived from (tenant, routing): rebuilt only when the batch's
+        # membership changes, never per step (routing is fixed after prefill).
+        self._slots = np.zeros(0, dtype=np.int64)
+        self._gates = np.zeros((0, self.bundle.num_layers, 7), dtype=np.float32)
 
     # ---- tenants ----
 
@@ -152,6 +156,7 @@ class Engine:
             keep = [i for i, r in enumerate(self._rows) if r is not req]
             self._kv = self.backend.keep_rows(self._kv, keep)
             self._rows = [self._rows[i] for i in keep]
+            self._membership_changed()
             self._free(req)
         req.status, req.finish_reason = "cancelled", "cancelled"
         req.finished_at = time.perf_counter()
@@ -207,13 +212,12 @@ class Engine:
             self._accept(r, logits[i])
         self._rows.extend(reqs)
         self._kv = self.backend.merge(self._kv, kv)
+        self._membership_changed()
         self._drop_finished()
 
     def _decode(self) -> None:
         ids = np.array([r.output_ids[-1] for r in self._rows], dtype=np.int64)
-        slots = np.array([r._slot for r in self._rows], dtype=np.int64)
-        gates = np.stack([r.gates for r in self._rows]).astype(np.float32)
-        logits = self.backend.decode(ids, self._kv, slots, gates)
+        logits = self.backend.decode(ids, self._kv, self._slots, self._gates)
         for i, r in enumerate(self._rows):
             self._accept(r, logits[i])
         self._drop_finished()
@@ -248,6 +252,12 @@ class Engine:
                 self._free(r)
         self._kv = self.backend.keep_rows(self._kv, keep)
         self._rows = [self._rows[i] for i in keep]
+        self._membership_changed()
+
+    def _membership_changed(self) -> None:
+        self._slots = np.array([r._slot for r in self._rows], dtype=np.int64)  # [B]
+        self._gates = (np.stack([r.gates for r in self._rows]).astype(np.float32) if self._rows
+                       else self._gates[:0])  # [B, L, 7]
 
     def _free(self, r: Request) -> None:
         if r.tenant is not None:
