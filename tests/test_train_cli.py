@@ -110,3 +110,14 @@ def test_lora_flag_trains_a_router_free_adapter(tmp_path, base_dir):
 
     with safe_open(str(out / "milora_adapter.safetensors"), "np") as f:
         assert not any(".router." in k for k in f.keys())
+
+
+def test_jsonl_dev_holdout_is_disjoint_and_complete(tmp_path):
+    from milora.train.api import dataset
+
+    data = write_lines(tmp_path / "d.jsonl", good_records(60))
+    train, dev = dataset(data=data, split="train"), dataset(data=data, split="dev")
+    keys = lambda xs: {e.key for e in xs}  # noqa: E731
+    assert keys(train).isdisjoint(keys(dev)) and len(train) + len(dev) == 60
+    assert 0 < len(dev) < 20
+    assert len(dataset(data=data, split="train", dev_percent=0)) == 60

@@ -74,7 +74,8 @@ def train_adapter(base: str | Path, out_dir: str | Path, adapter: MiloraConfig, 
     write the best one to out_dir (format v1)."""
     from milora.model.model import MiloraModel
 
-    train_data = dataset(task, data, "train", train_limit)
+    # With a separate dev file every line of --data trains; otherwise a hashed 10% is held out.
+    train_data = dataset(task, data, "train", train_limit, dev_percent=0 if dev_data is not None else 10)
     if dev_data is not None:
         dev = read_jsonl(dev_data)[:dev_limit] if dev_limit is not None else read_jsonl(dev_data)
     else:
