@@ -296,3 +296,30 @@ def test_prefill_logits_all_positions_option(src, exported, tmp_path):
     np.testing.assert_allclose(full[:, -1:], last, atol=1e-5)
     with pytest.raises(ExportError, match="prefill-logits"):
         export(model_dir, tmp_path / "bad", prefill_logits="first", **FAST)
+
+
+def test_graphs_share_one_weights_file(exported):
+    """Both graphs point every external initializer into manifest.WEIGHTS_FILE, where each
+    base weight is stored once: the decode graph's tensors are byte ranges the prefill graph
+    also uses (its folded weights have other names), and the file holds nothing else."""
+    out, manifest = exported
+    assert sorted(p.name for p in out.glob("*.data")) == [mf.WEIGHTS_FILE]
+    tables = {}
+    for graph, spec in manifest["graphs"].items():
+        assert spec["data_file"] == mf.WEIGHTS_FILE
+        model = onnx.load(str(out / spec["file"]), load_external_data=False)
+        external = {}
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                assert info["location"] == mf.WEIGHTS_FILE
+                external[t.name] = (int(info["offset"]), int(info["length"]))
+        tables[graph] = {n: (v["offset"], v["length"]) for n, v in spec["external_initializers"].items()}
+        assert external == tables[graph]
+    prefill, decode = (set(t.values()) for t in (tables["prefill"], tables["decode"]))
+    assert decode and decode <= prefill
+    ranges = sorted(prefill | decode)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(ranges, ranges[1:])), "overlapping tensors"
+    size = (out / mf.WEIGHTS_FILE).stat().st_size
+    assert size == ranges[-1][0] + ranges[-1][1]
+    assert size < sum(n for _, n in ranges) + 64 * len(ranges)  # stored once; only alignment padding

@@ -5,8 +5,9 @@
 
 OUT_DIR:
     manifest.json                the contract (milora.export.manifest)
-    prefill.onnx(.data)          router + prefill, gates out
-    decode.onnx(.data)           decode, gates in, no router
+    prefill.onnx                 router + prefill, gates out
+    decode.onnx                  decode, gates in, no router
+    weights.onnx.data            the external data of both graphs (each weight once)
     adapters/<tenant>.safetensors one slot pack per tenant
     tokenizer files              copied from MODEL_DIR
 """
@@ -154,7 +155,7 @@ def _steps(opts: ExportOptions, total: int):
 
 def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: ExportOptions, bar) -> dict[str, Any]:
     from milora.export.bank_model import BankModel, check_supported
-    from milora.export.onnx_export import export_graph
+    from milora.export.onnx_export import SharedWeights, export_graph
     from milora.export.tenants import load_tenants
     from milora.model.inject import base_info
 
@@ -178,10 +179,16 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
     bar.update()
     core = BankModel(hf).eval()
     lowering = "tensorrt" if opts.target == "tensorrt" else opts.lora_lowering
-    for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
-        bar.set_postfix_str(f"exporting {graph}")
-        export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering)
-        bar.update()
+    weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
+    try:
+        for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
+            bar.set_postfix_str(f"exporting {graph}")
+            export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering, weights)
+            bar.update()
+    finally:
+        weights.close()
+    for graph in ("prefill", "decode"):
+        manifest["graphs"][graph]["external_initializers"] = weights.tables[graph]
     for name in mf.TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, tmp / name)
@@ -216,7 +223,7 @@ def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: 
 
     graphs = {}
     for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
-        graphs[graph] = dict(file=file, data_file=file + ".data", **mf.graph_io(graph, base, max_rank, opts.dtype,
+        graphs[graph] = dict(file=file, data_file=mf.WEIGHTS_FILE, **mf.graph_io(graph, base, max_rank, opts.dtype,
                                                                              opts.prefill_logits))
     tenant_info = {}
     for slot, t in enumerate(tenants, start=1):

@@ -32,6 +32,11 @@ MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
+# The external data of BOTH graphs: each base weight once, at the same offset for both, so
+# disk and a runtime that maps it (milora.runtime.weights) hold the weights once.
+# graphs.<g>.external_initializers maps each graph's initializer names to
+# {offset, length, dtype, shape} in it (the names differ between graphs for folded weights).
+WEIGHTS_FILE = "weights.onnx.data"
 PACK_DIR = "adapters"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")

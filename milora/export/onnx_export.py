@@ -1,6 +1,8 @@
 """Tracing the bank model into the prefill and decode ONNX graphs (torch.onnx, dynamo=False:
 ~1 s for a tiny model against 15-40 s for dynamo, and our own attention code traces cleanly),
-then lowering the routed LoRA nodes and saving with external data.
+then lowering the routed LoRA nodes and saving both with ONE external data file
+(manifest.WEIGHTS_FILE): the graphs share the base weights, so disk and a runtime that maps
+the file hold them once.
 
 Example sizes are >= 2 for batch, sequence and past (docs/TOOLING.md: size 0 and 1
 specialise under torch.export; the tracer is kept to the same habit).
@@ -8,12 +10,16 @@ specialise under torch.export; the tracer is kept to the same habit).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any, Iterator
 
 import onnx
 import torch
+from onnx import numpy_helper
+from onnx.external_data_helper import set_external_data
 
 from milora.export import manifest as mf
 from milora.export.bank_model import BankModel, DecodeGraph, PrefillGraph
@@ -61,8 +67,73 @@ def declare_fixed_dims(model: onnx.ModelProto, io: dict) -> None:
                 dim.dim_value = want
 
 
-def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, lowering: str) -> None:
-    """Trace one graph, lower its RoutedLora nodes, save it with its weights in path.data."""
+# Initializers of at least this many bytes go to the shared data file; smaller ones stay in
+# the .onnx file (as onnx.save's size_threshold did before the file was shared).
+EXTERNAL_MIN_BYTES = 1024
+# Offsets: 64-byte aligned for SIMD loads from a memory map; tensors of 1 MiB and more at
+# 64 KiB (the largest mmap granularity in use: Windows, 64K-page arm64 kernels) so that a
+# runtime can map them directly.
+ALIGN_SMALL, ALIGN_LARGE, LARGE_BYTES = 64, 1 << 16, 1 << 20
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer of graph and of its subgraphs (If branches of the lowerings)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _initializers(g)
+
+
+class SharedWeights:
+    """One external-data file for both graphs. Each initializer is written once, keyed by
+    its dtype and content (the tracer names folded weights differently in each graph, e.g.
+    onnx::MatMul_123), and every graph's TensorProto points at its (offset, length); the
+    table of both graphs goes to the manifest so a runtime can map the file once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "wb")
+        self._offsets: dict[tuple[int, bytes], tuple[int, int]] = {}
+        self.tables: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def externalize(self, model: onnx.ModelProto, graph: str) -> None:
+        table = self.tables.setdefault(graph, {})
+        for t in _initializers(model.graph):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                raise RuntimeError(f"initializer {t.name} still points at external data; load it first")
+            if not t.HasField("raw_data"):  # typed fields (float_data, ...): store as raw bytes
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+            data = t.raw_data
+            if len(data) < EXTERNAL_MIN_BYTES:
+                continue
+            key = (t.data_type, hashlib.sha256(data).digest())
+            if key not in self._offsets:
+                align = ALIGN_LARGE if len(data) >= LARGE_BYTES else ALIGN_SMALL
+                offset = -self._file.tell() % align + self._file.tell()
+                self._file.seek(offset)
+                self._file.write(data)
+                self._offsets[key] = (offset, len(data))
+            offset, length = self._offsets[key]
+            set_external_data(t, self.path.name, offset, length)  # sets data_location EXTERNAL
+            t.ClearField("raw_data")
+            table[t.name] = {"offset": offset, "length": length, "shape": list(t.dims),
+                             "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name}
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def unique_bytes(self) -> int:
+        return sum(length for _, length in self._offsets.values())
+
+
+def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, lowering: str,
+                 weights: SharedWeights) -> None:
+    """Trace one graph, lower its RoutedLora nodes, save it with its weights in the shared file."""
     module = PrefillGraph(core, io["logits_positions"]) if graph == "prefill" else DecodeGraph(core)
     # The tracer may spill weights next to its output (models over 2 GB): trace into a
     # scratch directory of its own and remove it whole.
@@ -81,6 +152,6 @@ def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, 
         shutil.rmtree(scratch, ignore_errors=True)
     lower(model, lowering, core.base["num_layers"])
     declare_fixed_dims(model, io)
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=path.name + ".data", size_threshold=1024)
+    weights.externalize(model, graph)
+    onnx.save(model, str(path))
 

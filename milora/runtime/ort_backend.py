@@ -19,6 +19,7 @@ import numpy as np
 
 from milora.errors import ManifestError
 from milora.export import manifest as mf
+from milora.runtime.weights import map_shared_initializers
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -37,15 +38,12 @@ class BatchKV:
 
 class OrtBackend:
     def __init__(self, root, manifest: dict[str, Any], providers: Sequence[str] | None = None,
-                 threads: int | None = None, pad_token_id: int = 0):
+                 threads: int | None = None, pad_token_id: int = 0, share_weights: bool = False):
         import onnxruntime as ort
 
         self.ort = ort
         self.manifest = manifest
         self.pad_token_id = pad_token_id
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
         providers = list(providers or ["CPUExecutionProvider"])
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]
@@ -53,8 +51,26 @@ class OrtBackend:
             raise ManifestError(f"execution providers {missing} are not available in this onnxruntime "
                                 f"(available: {available}); install onnxruntime-gpu for CUDA")
         graphs = manifest["graphs"]
-        self.sessions = {g: ort.InferenceSession(str(root / graphs[g]["file"]), opts, providers=providers)
-                         for g in ("prefill", "decode")}
+        # share_weights: both sessions read the base weights from one memory map of the
+        # export's shared weights file (milora.runtime.weights; kept here, the sessions use it
+        # as long as they live), with onnxruntime's weight prepacking off, since each session
+        # would otherwise keep its own packed copy of every MatMul weight (the Python API has
+        # no way to share packed weights). Default: each session loads the file itself and
+        # packs: faster matmuls, about twice the weight memory (BENCHMARKS.md).
+        self.shared_weights = map_shared_initializers(ort, root, manifest) if share_weights else None
+        if share_weights and self.shared_weights is None:
+            raise ManifestError(f"{root} was exported before the graphs shared one weights file; export it "
+                                "again to open it with share_weights=True")
+        self.sessions = {}
+        for g in ("prefill", "decode"):
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+            if self.shared_weights is not None:
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+                for name, value in self.shared_weights.values[g].items():
+                    opts.add_initializer(name, value)
+            self.sessions[g] = ort.InferenceSession(str(root / graphs[g]["file"]), opts, providers=providers)
         # CUDA EP: inputs and outputs stay on the device; on CPU everything is host memory.
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.num_layers = manifest["base"]["num_layers"]
