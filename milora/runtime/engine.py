@@ -59,10 +59,14 @@ class Request:
 
 class Engine:
     def __init__(self, out_dir: str | Path, providers: Sequence[str] | None = None, max_batch: int = 8,
-                 kv_budget_tokens: int | None = None, threads: int | None = None, verify: bool = True):
+                 kv_budget_tokens: int | None = None, threads: int | None = None, verify: bool = True,
+                 share_weights: bool = False):
+        """share_weights: map the export's one weights file once for both graphs (about 40% less
+        memory, for small devices; slower decode on CPU because weights are not prepacked)."""
         self.bundle = Bundle.open(out_dir, verify=verify)
         m = self.bundle.manifest
-        self.backend = OrtBackend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id)
+        self.backend = OrtBackend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id,
+                                  share_weights=share_weights)
         self.max_batch = max_batch
         self.max_context = m["base"].get("max_position_embeddings")
         self.kv_budget = kv_budget_tokens or max_batch * (self.max_context or 2048)
