@@ -69,9 +69,19 @@ def export_once(base_dir: Path, out_dir: Path, adapters: dict[str, Path], rebuil
 
 def time_runtime(out_dir: Path, tenants: list[str], tokens: int, repeats: int) -> dict[str, float]:
     """Median decode tok/s (tokens after the first, per wall second) and time to first token."""
-    from milora.runtime import Engine, SamplingParams
+    import gc
 
-    engine = Engine(out_dir, max_batch=len(tenants), verify=False)
+    from milora.runtime import Engine
+
+    with Engine(out_dir, max_batch=len(tenants), verify=False) as engine:
+        result = _time_engine(engine, tenants, tokens, repeats)
+    gc.collect()
+    return result
+
+
+def _time_engine(engine, tenants: list[str], tokens: int, repeats: int) -> dict[str, float]:
+    from milora.runtime import SamplingParams
+
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     for t in tenants:
         engine.pin(t) if t else None  # load adapters before timing
@@ -124,6 +134,8 @@ def main() -> None:
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--json", type=Path)
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch intra-op threads for the eager baseline (default: torch's own)")
     args = p.parse_args()
 
     from milora.assets import cache_root, smollm2_dir
@@ -147,6 +159,10 @@ def main() -> None:
             results[f"{label} B={batch}"] = time_runtime(exports[exp], tenants[:batch], args.tokens, args.repeats)
             print(label, batch, results[f"{label} B={batch}"], file=sys.stderr)
     if not args.skip_torch:
+        import torch
+
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
         for batch in (1, 8):
             results[f"torch-eager B={batch}"] = time_torch(base_dir, r16["milora-k1-r16-0"], batch, args.tokens,
                                                            args.repeats)

@@ -197,3 +197,11 @@ def test_base_model_rows_use_slot_zero(exported):
     engine.run_until_done()
     assert base.output_ids == ref and other.output_ids != ref
     assert engine.stats()["tenant_refs"] == 0
+
+
+def test_close_cancels_and_releases(exported):
+    _, out_dir = exported
+    with Engine(out_dir) as engine:
+        req = engine.submit("alpha", prompt_ids=[5, 6, 7], params=greedy(8))
+        engine.step()
+    assert req.status == "cancelled" and engine.backend is None

@@ -83,6 +83,19 @@ class Engine:
         self._slots = np.zeros(0, dtype=np.int64)
         self._gates = np.zeros((0, self.bundle.num_layers, 7), dtype=np.float32)
 
+    def close(self) -> None:
+        """Release the onnxruntime sessions and banks now (they hold the model's weights)."""
+        for r in list(self._queue) + list(self._rows):
+            self.cancel(r)
+        # The registry holds bound methods of the backend: drop both so the sessions go now.
+        self.backend = self.tenants = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ---- tenants ----
 
     def add_tenant(self, name: str, source: str | Path, pin: bool = False) -> None:
