@@ -67,42 +67,35 @@ def export_once(base_dir: Path, out_dir: Path, adapters: dict[str, Path], rebuil
     return out_dir
 
 
-def time_runtime(out_dir: Path, tenants: list[str], tokens: int, repeats: int) -> dict[str, float]:
-    """Median decode tok/s (tokens after the first, per wall second) and time to first token."""
-    import gc
-
-    from milora.runtime import Engine
-
-    with Engine(out_dir, max_batch=len(tenants), verify=False) as engine:
-        result = _time_engine(engine, tenants, tokens, repeats)
-    gc.collect()
-    return result
-
-
-def _time_engine(engine, tenants: list[str], tokens: int, repeats: int) -> dict[str, float]:
+def runtime_once(engine, tenants: list[str | None], tokens: int) -> tuple[float, float]:
+    """(decode tok/s after the first step, time to first token) of one batch."""
     from milora.runtime import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    for t in tenants:
-        engine.pin(t) if t else None  # load adapters before timing
-    tps, ttft = [], []
-    for rep in range(repeats + 1):
-        reqs = [engine.submit(t or None, messages=[{"role": "user", "content": PROMPT}], params=params)
-                for t in tenants]
-        engine.step()  # prefill + first decode step
-        t_first = time.perf_counter()
-        engine.run_until_done()
-        t_end = time.perf_counter()
-        if rep == 0:
-            continue  # warm-up
-        decoded = sum(len(r.output_ids) for r in reqs) - 2 * len(reqs)  # tokens after the first step
-        tps.append(decoded / (t_end - t_first))
-        ttft.append(max(r.first_token_at - r.submitted_at for r in reqs))
-    return {"tok_s": statistics.median(tps), "ttft_s": statistics.median(ttft)}
+    reqs = [engine.submit(t, messages=[{"role": "user", "content": PROMPT}], params=params) for t in tenants]
+    engine.step()  # prefill + first decode step
+    t_first = time.perf_counter()
+    engine.run_until_done()
+    seconds = time.perf_counter() - t_first
+    decoded = sum(len(r.output_ids) for r in reqs) - 2 * len(reqs)  # tokens after the first step
+    return decoded / seconds, max(r.first_token_at - r.submitted_at for r in reqs)
 
 
-def time_torch(base_dir: Path, adapter: Path, batch: int, tokens: int, repeats: int) -> dict[str, float]:
+def torch_once(model, ids, tokens: int) -> tuple[float, float]:
+    """Eager HF generate: decode rate from (N tokens) - (1 token) runs, so prefill cancels out."""
     import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+        t1 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                       do_sample=False)
+        t2 = time.perf_counter()
+    return ids.shape[0] * (tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9), t1 - t0
+
+
+def torch_reference(base_dir: Path, adapter: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from milora.model.model import MiloraModel
@@ -110,27 +103,13 @@ def time_torch(base_dir: Path, adapter: Path, batch: int, tokens: int, repeats: 
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = MiloraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    ids = tok([text] * batch, return_tensors="pt").input_ids
-    tps, ttft = [], []
-    with torch.no_grad():
-        for rep in range(repeats + 1):
-            t0 = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
-            t1 = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                           do_sample=False)
-            t2 = time.perf_counter()
-            if rep:
-                ttft.append(t1 - t0)
-                # decode rate: the extra tokens over the extra time, prefill cancels out.
-                tps.append(batch * (tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
-    return {"tok_s": statistics.median(tps), "ttft_s": statistics.median(ttft)}
+    return model, lambda batch: tok([text] * batch, return_tensors="pt").input_ids
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--json", type=Path)
     p.add_argument("--skip-torch", action="store_true")
@@ -139,34 +118,43 @@ def main() -> None:
     args = p.parse_args()
 
     from milora.assets import cache_root, smollm2_dir
+    from milora.runtime import Engine
 
     base_dir = smollm2_dir()
     root = cache_root() / "bench-runtime"
     r16 = make_adapters(base_dir, root, 16, {"milora-k1": {"top_k": 1}, "milora-k2": {"top_k": 2},
                                               "lora-7": {"routed": False}})
     r32 = make_adapters(base_dir, root, 32, {"milora-k1": {"top_k": 1}, "lora-7": {"routed": False}})
-    exports = {"base": export_once(base_dir, root / "out-base", {}, args.rebuild),
-               "r16": export_once(base_dir, root / "out-r16", r16, args.rebuild),
-               "r32": export_once(base_dir, root / "out-r32", r32, args.rebuild)}
-    results: dict[str, dict] = {}
-    groups = [("base", "base", [None] * 8), ("milora-k1 r16", "r16", [f"milora-k1-r16-{i}" for i in range(8)]),
-              ("milora-k2 r16", "r16", [f"milora-k2-r16-{i}" for i in range(8)]),
-              ("lora-7 r16", "r16", [f"lora-7-r16-{i}" for i in range(8)]),
-              ("milora-k1 r32", "r32", [f"milora-k1-r32-{i}" for i in range(8)]),
-              ("lora-7 r32", "r32", [f"lora-7-r32-{i}" for i in range(8)])]
-    for label, exp, tenants in groups:
-        for batch in (1, 8):
-            results[f"{label} B={batch}"] = time_runtime(exports[exp], tenants[:batch], args.tokens, args.repeats)
-            print(label, batch, results[f"{label} B={batch}"], file=sys.stderr)
+    paths = {"base": export_once(base_dir, root / "out-base", {}, args.rebuild),
+             "r16": export_once(base_dir, root / "out-r16", r16, args.rebuild),
+             "r32": export_once(base_dir, root / "out-r32", r32, args.rebuild)}
+    engines = {k: Engine(v, max_batch=8, verify=False) for k, v in paths.items()}
+    groups = [("base", "base", [None] * 8)] + [
+        (f"{kind} r{r}", f"r{r}", [f"{kind}-r{r}-{i}" for i in range(8)])
+        for kind, r in (("milora-k1", 16), ("milora-k2", 16), ("lora-7", 16), ("milora-k1", 32), ("lora-7", 32))]
+    for _, exp, tenants in groups:
+        for t in tenants:
+            if t:
+                engines[exp].pin(t)  # adapters resident before timing
+    configs = {f"{label} B={b}": (lambda e=engines[exp], ts=tenants[:b]: runtime_once(e, ts, args.tokens))
+               for label, exp, tenants in groups for b in (1, 8)}
     if not args.skip_torch:
         import torch
 
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
-        for batch in (1, 8):
-            results[f"torch-eager B={batch}"] = time_torch(base_dir, r16["milora-k1-r16-0"], batch, args.tokens,
-                                                           args.repeats)
-            print("torch", batch, results[f"torch-eager B={batch}"], file=sys.stderr)
+        model, make_ids = torch_reference(base_dir, r16["milora-k1-r16-0"])
+        for b in (1, 8):
+            configs[f"torch-eager B={b}"] = lambda ids=make_ids(b): torch_once(model, ids, args.tokens)
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
+    for rnd in range(args.repeats + 1):  # interleaved: load drift hits every configuration alike
+        for key, run in configs.items():
+            result = run()
+            if rnd:
+                samples[key].append(result)
+                print(f"round {rnd} {key}: {result[0]:.1f} tok/s", file=sys.stderr)
+    results = {k: {"tok_s": statistics.median(s[0] for s in v), "ttft_s": statistics.median(s[1] for s in v)}
+               for k, v in samples.items()}
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
