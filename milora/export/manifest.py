@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from milora.adapter_format import module_dims
 from milora.contract import EXPERTS, NUM_EXPERTS
 from milora.errors import ManifestError
 
@@ -102,13 +103,6 @@ SLOT_EXPERT_MASK = "slot.expert_mask"
 SLOT_FIXED_GATES = "slot.fixed_gates"
 ROUTER_BANKS = (ROUTER_WEIGHT, ROUTER_POOLER, ROUTER_ACT_NUM, ROUTER_ACT_DEN, SLOT_OPTIONS, SLOT_EXPERT_MASK,
                 SLOT_FIXED_GATES)
-
-
-def module_dims(base: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    d, hd = base["hidden_size"], base["head_dim"]
-    q_out, kv_out, inter = base["num_heads"] * hd, base["num_kv_heads"] * hd, base["intermediate_size"]
-    return {"q_proj": (d, q_out), "k_proj": (d, kv_out), "v_proj": (d, kv_out), "o_proj": (q_out, d),
-            "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
 
 
 def bank_specs(base: dict[str, Any], max_rank: int, lora_dtype: str) -> dict[str, dict[str, Any]]:
