@@ -82,17 +82,28 @@ def runtime_once(engine, tenants: list[str | None], tokens: int) -> tuple[float,
 
 
 def torch_once(model, ids, tokens: int) -> tuple[float, float]:
-    """Eager HF generate: decode rate from (N tokens) - (1 token) runs, so prefill cancels out."""
+    """Eager HF generate with the reference; a streamer timestamps every generated step, so the
+    decode rate excludes prefill exactly as the runtime's does."""
     import torch
+    from transformers.generation.streamers import BaseStreamer
 
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):  # first call: the prompt; then one call per generated step
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock = Clock()
+    t0 = time.perf_counter()
     with torch.no_grad():
-        t0 = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
-        t1 = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False)
-        t2 = time.perf_counter()
-    return ids.shape[0] * (tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9), t1 - t0
+                       do_sample=False, streamer=clock)
+    steps = clock.times[1:]  # steps[0]: first token out (prefill done)
+    return ids.shape[0] * (len(steps) - 2) / (steps[-1] - steps[1]), steps[0] - t0
 
 
 def torch_reference(base_dir: Path, adapter: Path):
