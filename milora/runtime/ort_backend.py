@@ -19,9 +19,9 @@ import numpy as np
 
 from milora.errors import ManifestError
 from milora.export import manifest as mf
+from milora.export.banks import NP_DTYPES
 from milora.runtime.weights import map_shared_initializers
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
 @dataclass
