@@ -205,3 +205,29 @@ def test_close_cancels_and_releases(exported):
         req = engine.submit("alpha", prompt_ids=[5, 6, 7], params=greedy(8))
         engine.step()
     assert req.status == "cancelled" and engine.backend is None
+
+
+def test_export_without_adapters_is_the_plain_base_model(tmp_path):
+    """No tenants: no LoRA op is lowered (the benchmarks' floor), and the runtime's greedy
+    tokens equal plain HF generate."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_llama
+    from milora.export.exporter import export
+    from runtime_helpers import add_word_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_llama(0).save_pretrained(str(model_dir))
+    add_word_tokenizer(model_dir)
+    manifest = export(model_dir, tmp_path / "out", progress=False)
+    assert manifest["lora_lowering"] == "none" and manifest["tenants"] == {}
+    graph = onnx.load(str(tmp_path / "out" / "decode.onnx"), load_external_data=False).graph
+    assert not [n for n in graph.node if "/lora/" in n.name and n.op_type != "Identity"]
+    p = random_prompts(12, (6,))[0]
+    ids = torch.tensor([p])
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval().generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+        pad_token_id=0)[0, len(p):].tolist()
+    assert Engine(tmp_path / "out").generate(None, prompt_ids=p, params=greedy()).output_ids == ref

@@ -15,6 +15,7 @@ OUT_DIR:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
@@ -165,6 +166,9 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
     check_supported(hf)
     base = dict(base_info(hf), max_position_embeddings=getattr(hf.config, "max_position_embeddings", None))
     tenants = load_tenants(model_dir, adapters, base)
+    if not tenants and opts.target == "onnxruntime":
+        # Nothing to route: the graphs are the bare base model (the floor benchmarks compare to).
+        opts = dataclasses.replace(opts, lora_lowering="none")
     slots = opts.slots or len(tenants) + 1
     if len(tenants) > slots - 1:
         raise ExportError(f"{len(tenants)} tenants ({', '.join(t.name for t in tenants)}) do not fit in {slots} "

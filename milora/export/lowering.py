@@ -164,7 +164,12 @@ def _elem(em: _Emitter, node) -> int:
     return em.inputs[node.input[2]].type.tensor_type.elem_type
 
 
-_LOWER = {"dense": _lower_dense, "if_skip": _in_if(_lower_dense), "compact": _lower_compact,
+def _lower_none(em: _Emitter, node, pre: str, idx: str, a_flat: str, b_flat: str) -> None:
+    """y = base_out: an export without tenants (the bare base model) computes no LoRA at all."""
+    em.nodes.append(helper.make_node("Identity", [node.input[1]], [node.output[0]], name=f"{pre}/None"))
+
+
+_LOWER = {"none": _lower_none, "dense": _lower_dense, "if_skip": _in_if(_lower_dense), "compact": _lower_compact,
           "if_compact": _in_if(_lower_compact)}
 
 
@@ -175,6 +180,8 @@ def lower(model: onnx.ModelProto, mode: str, num_layers: int) -> onnx.ModelProto
     if mode not in _LOWER:
         raise ExportError(f"--lora-lowering {mode!r} is not supported; expected one of {', '.join(LOWERINGS)}")
     em = _Emitter(model.graph)
+    if mode == "none":  # no bank gathers either: the graph is the plain base model
+        em.flat_index = em.flat_bank = lambda *args: ""
     for node in model.graph.node:
         if node.op_type != rl.OP_TYPE or node.domain != rl.DOMAIN:
             em.nodes.append(node)
