@@ -27,7 +27,7 @@ from milora.errors import ExportError
 from milora.export import routed_lora as rl
 
 LOWERINGS = ("dense", "if_skip", "compact", "if_compact")
-DEFAULT_LOWERING = "compact"  # chosen by measurement: BENCHMARKS.md (benchmarks/export_smollm2.py)
+DEFAULT_LOWERING = "if_compact"  # chosen by measurement on a quiet box: BENCHMARKS.md (runtime section)
 
 
 class _Emitter:
