@@ -28,6 +28,8 @@ from milora.runtime.ort_backend import BatchKV, OrtBackend
 from milora.runtime.sampling import Sampler, SamplingParams, find_stop
 from milora.runtime.tenants import TenantRegistry
 
+_NO_IDS = np.zeros(0, dtype=np.int64)
+
 
 @dataclass
 class Request:
@@ -106,7 +108,7 @@ class Engine:
             raise TenantError(f"adapter source {path} does not exist")
         kind = "adapter" if path.is_dir() else "pack"
         if kind == "adapter":
-            self._adapter_pack(path)  # validate now, not at first use
+            self._read_checked_adapter(path)  # validate now; the pack is built when a slot needs it
         self.tenants.add(name, (kind, path), pin=pin)
 
     def remove_tenant(self, name: str) -> None:
@@ -118,9 +120,9 @@ class Engine:
     def unpin(self, name: str) -> None:
         self.tenants.unpin(name)
 
-    def _adapter_pack(self, path: Path) -> dict[str, np.ndarray]:
+    def _read_checked_adapter(self, path: Path):
+        """(config, tensors) of an adapter directory that fits this export's base and banks."""
         from milora.adapter_format import check_base, read_adapter
-        from milora.export.banks import build_pack
 
         m = self.bundle.manifest
         config, base, tensors = read_adapter(path)
@@ -128,6 +130,13 @@ class Engine:
         if config.rank > m["max_rank"]:
             raise TenantError(f"adapter {path} has rank {config.rank} but this export's banks hold rank "
                               f"{m['max_rank']}; re-export with a larger max rank")
+        return config, tensors
+
+    def _adapter_pack(self, path: Path) -> dict[str, np.ndarray]:
+        from milora.export.banks import build_pack
+
+        m = self.bundle.manifest
+        config, tensors = self._read_checked_adapter(path)
         return build_pack(config, tensors, m["base"], m["max_rank"], m["dtype"])
 
     def _load_slot(self, slot: int, name: str, source: tuple[str, Path]) -> None:
@@ -241,9 +250,10 @@ class Engine:
 
     def _accept(self, r: Request, logits: np.ndarray) -> None:
         """Sample one token for a request and apply its stop rules."""
-        seen = np.asarray(r.prompt_ids + r.output_ids, dtype=np.int64)
-        tok = r._sampler(logits, seen)
         p = r.params
+        # Only the repetition penalty reads the history: don't rebuild it per step otherwise.
+        seen = np.asarray(r.prompt_ids + r.output_ids, dtype=np.int64) if p.repetition_penalty != 1.0 else _NO_IDS
+        tok = r._sampler(logits, seen)
         if (tok in self.bundle.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(r, "eos" if tok in self.bundle.eos_token_ids else "stop")
         r.output_ids.append(tok)

@@ -78,7 +78,7 @@ class OrtBackend:
         self.slots = manifest["slots"]
         self.banks = {n: np.zeros([self.slots, *s["shape"]], dtype=NP_DTYPES[s["dtype"]])
                       for n, s in manifest["banks"].items()}
-        self._inputs = {g: {i["name"] for i in graphs[g]["inputs"]} for g in graphs if g in ("prefill", "decode")}
+        self._inputs = {g: {i["name"] for i in graphs[g]["inputs"]} for g in self.sessions}
         self.past_names = [n for i in range(self.num_layers) for n in (mf.past_key(i), mf.past_value(i))]
         self.present_names = [n for i in range(self.num_layers) for n in (mf.present_key(i), mf.present_value(i))]
         self._bank_values: dict[str, Any] = {}

@@ -66,6 +66,8 @@ class Sampler:
     def __call__(self, logits: np.ndarray, seen: np.ndarray) -> int:
         """logits [V] float; seen: token ids of prompt + output so far."""
         p = self.params
+        if p.greedy and p.repetition_penalty == 1.0:
+            return int(np.argmax(logits))  # hot path: no copy of the [V] logits
         logits = logits.astype(np.float64, copy=True)
         if p.repetition_penalty != 1.0 and seen.size:
             ids = np.unique(seen)
