@@ -12,6 +12,14 @@ EXPERTS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
 NUM_EXPERTS: int = len(EXPERTS)
 EXPERT_INDEX: dict[str, int] = {name: i for i, name in enumerate(EXPERTS)}
 
+# A selected expert's gate is never below GATE_FLOOR (2**-126, the smallest normal float32),
+# so "selected" (gate != 0) always means "in the router's top-k". Without the floor a large
+# router margin makes softmax round the k-th gate to a denormal or to 0, and whether it
+# becomes 0 depends on the kernel (flush-to-zero, exp approximations): PyTorch and
+# onnxruntime then disagree on which experts a row uses. No float32 output can resolve the
+# difference the floor makes (its update is scaled by 1e-38).
+GATE_FLOOR: float = 2.0 ** -126
+
 # Which submodule of a decoder layer holds each expert's base linear.
 EXPERT_PARENT: dict[str, str] = {
     "q_proj": "self_attn",

@@ -10,6 +10,7 @@ Per layer l and row b (slot s = tenant_slots[b]), float32 whatever the model dty
     sel    = the top_k[s] largest z, lower index first on ties (rank by pairwise comparison)
     gates  = paper:        softmax(z) on sel, 0 elsewhere
              renormalized: softmax(z over sel) on sel, 0 elsewhere
+             (a selected gate is at least GATE_FLOOR: gates != 0 is exactly sel)
              not routed:   fixed_gates[s]  (slot 0: all 0; plain LoRA: 1 on its modules)
 
 Every pooler and activation variant is computed for every row and one is selected with
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from milora.contract import NUM_EXPERTS
 from milora.export import manifest as mf
+from milora.model.router import floor_selected
 
 # Stands in for -inf on experts a tenant lacks: exp() of it is exactly 0 next to any real
 # logit, and an all-NEG row (slot 0, whose gates are replaced) softmaxes to finite values.
@@ -104,7 +106,7 @@ def route_layer(hidden: Tensor, mask: Tensor, slots: Tensor, banks: dict[str, Te
     z = (pooled[:, None, :] @ banks[mf.ROUTER_WEIGHT][slots, l])[:, 0]  # [B, E]
     z = torch.where(banks[mf.SLOT_EXPERT_MASK][slots] > 0.5, z, NEG)
     sel = select_top_k(z, col("top_k"))  # [B, E]
-    paper = torch.where(sel, torch.softmax(z, dim=-1), 0.0)
-    renorm = torch.where(sel, torch.softmax(torch.where(sel, z, NEG), dim=-1), 0.0)
+    paper = floor_selected(torch.softmax(z, dim=-1), sel)
+    renorm = floor_selected(torch.softmax(torch.where(sel, z, NEG), dim=-1), sel)
     gates = torch.where(col("gate_mode")[:, None] == mf.GATE_MODE_CODES["renormalized"], renorm, paper)
     return torch.where(col("routed")[:, None] == 1, gates, banks[mf.SLOT_FIXED_GATES][slots])  # [B, E]

@@ -50,6 +50,7 @@ class RowRef:
     kv: list[np.ndarray]  # 2L x [Hkv, T, D]
     gates: np.ndarray  # [L, 7]
     margins: np.ndarray  # [L] k-th minus (k+1)-th router logit; inf where not routed
+    top_k: int | None = None  # experts a routed tenant selects per layer; None: fixed gates
     decode_logits: list[np.ndarray] = field(default_factory=list)  # N x [V]
     final_kv: list[np.ndarray] = field(default_factory=list)  # 2L x [Hkv, T+N, D]
 
@@ -131,7 +132,8 @@ def _reference_row(model, tenant, row: Row, nl: int) -> RowRef:
             h.remove()
         routing, gates = out.routing, out.routing.gates[0].numpy()
         margins = _margins(seen, tenant.config.top_k, nl) if seen else np.full(nl, np.inf)
-    ref = RowRef(out.logits[0].float().numpy(), _kv(out.past_key_values, nl), gates, margins)
+    top_k = tenant.config.top_k if tenant is not None and tenant.config.routed else None
+    ref = RowRef(out.logits[0].float().numpy(), _kv(out.past_key_values, nl), gates, margins, top_k)
     cache = out.past_key_values
     for tok in row.decode:
         step = torch.tensor([[tok]])
@@ -195,16 +197,27 @@ def _run(session, feeds: dict[str, np.ndarray], banks: dict[str, np.ndarray], gr
 
 
 def _selection_ok(report: Report, i: int, row: Row, got: np.ndarray, ref: RowRef, margin_tol: float) -> bool:
-    """Compare expert selections where the reference margin is clear; False if the row's
-    selection differs at a near-tie (the row is then skipped, and reported)."""
+    """Compare expert selections (gates != 0: a selected gate is never 0, contract.GATE_FLOOR)
+    where the reference margin is clear; False if the row's selection differs at a near-tie
+    (the row is then skipped, and reported). Non-finite gates or margins are mismatches,
+    never near-ties: NaN compares false with every tolerance."""
+    where = f"row {i}, tenant {row.tenant}"
+    if not (np.isfinite(got).all() and np.isfinite(ref.gates).all() and not np.isnan(ref.margins).any()):
+        report.mismatches.append(f"gates ({where}): non-finite values (graph {int((~np.isfinite(got)).sum())}, "
+                                 f"reference {int((~np.isfinite(ref.gates)).sum())}); the tenant's adapter or the "
+                                 "graph produces NaN/inf routing")
+        return False
     flipped = False
     for l in range(got.shape[0]):
         same = np.array_equal(got[l] != 0, ref.gates[l] != 0)
+        if ref.top_k is not None and int((got[l] != 0).sum()) != ref.top_k:
+            report.mismatches.append(f"gates ({where}, layer {l}): graph selects {int((got[l] != 0).sum())} "
+                                     f"experts {np.flatnonzero(got[l]).tolist()}, the tenant's top_k is {ref.top_k}")
         if ref.margins[l] > margin_tol:
             report.compared_selections += 1
             if not same:
                 report.mismatches.append(
-                    f"gates (row {i}, tenant {row.tenant}, layer {l}): graph selects experts "
+                    f"gates ({where}, layer {l}): graph selects experts "
                     f"{np.flatnonzero(got[l]).tolist()}, reference {np.flatnonzero(ref.gates[l]).tolist()} "
                     f"(reference margin {ref.margins[l]:.3g} > {margin_tol:g})")
         else:

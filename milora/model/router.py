@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from milora.contract import GATE_FLOOR
 from milora.errors import RoutingError
 from milora.model.config import MiloraConfig
 
@@ -103,17 +104,23 @@ def top_k_gates(logits: Tensor, k: int, mode: str) -> tuple[Tensor, Tensor]:
     descending sort: the order ONNX TopK also gives). probs = softmax(logits) over all E.
     paper:        gates = probs on the selected experts, 0 elsewhere.
     renormalized: gates = softmax over the selected logits only, 0 elsewhere.
+    A selected gate is at least GATE_FLOOR (contract.py): gates != 0 is exactly the selection.
     """
     probs = torch.softmax(logits, dim=-1)  # [B, E]
     order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # [B, E]
     chosen = order[:, :k]  # [B, k]
     selected = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)  # [B, E]
     if mode == "paper":
-        gates = torch.where(selected, probs, 0.0)
+        gates = probs
     else:
         gates = torch.softmax(torch.where(selected, logits, float("-inf")), dim=-1)
-        gates = torch.where(selected, gates, 0.0)
-    return gates, probs
+    return floor_selected(gates, selected), probs
+
+
+def floor_selected(gates: Tensor, selected: Tensor) -> Tensor:
+    """gates on the selected experts, raised to GATE_FLOOR where they underflowed; 0 elsewhere.
+    NaN stays NaN (a corrupt router must show, never pass as "off")."""
+    return torch.where(selected, torch.where(gates < GATE_FLOOR, GATE_FLOOR, gates), 0.0)
 
 
 class MiloraRouter(nn.Module):
