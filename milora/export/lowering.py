@@ -15,6 +15,12 @@
 
 Bank gathers use one flat index per (layer, row), idx = slot * L + layer, into the bank
 reshaped to [S*L, ...]: one Gather per matrix instead of two.
+
+Row isolation: "row b uses the module" is gate[b] != 0, decided per row; the If condition is
+"some row uses it". Both read NaN as used (NaN != 0), so a corrupt row's NaN reaches its own
+output (where the runtime reports it) and never turns LoRA off for the other rows: a
+reduction like ReduceMax(gate) > 0 would be NaN for the whole batch and skip every row.
+A row that does not use the module gets base_out unchanged whichever branch runs.
 """
 
 from __future__ import annotations
@@ -113,16 +119,22 @@ def _lower_dense(em: _Emitter, node, pre: str, idx: str, a_flat: str, b_flat: st
     em.nodes.append(helper.make_node("Add", [node.input[1], d], [node.output[0]], name=f"{pre}/Add"))
 
 
-def _in_if(inner):
-    """Wrap a lowering in an If on "some row's gate is non-zero":
+def _rows_using(em: _Emitter, g: str, pre: str) -> str:
+    """used [B] bool = Not(Equal(gate, 0)): NaN counts as used (see the module docstring)."""
+    return em.node("Not", [em.node("Equal", [g, _zero_f32(em)], f"{pre}/GateIsZero")], f"{pre}/Used")
 
-        cond = ReduceMax(gate) > 0
+
+def _in_if(inner):
+    """Wrap a lowering in an If on "some row uses the module":
+
+        cond = ReduceMax(Cast(gate != 0, float)) > 0        (NaN-safe: NaN != 0)
         y    = If(cond, then: inner(...) [nodes named pre/then/...], else: Identity(base_out))
     """
     def lower_in_if(em: _Emitter, node, pre: str, idx: str, a_flat: str, b_flat: str) -> None:
         g, _ = _gate(em, node, pre)
-        mx = em.node("ReduceMax", [g], f"{pre}/AnyRow", keepdims=0)
-        cond = em.node("Greater", [mx, _zero_f32(em)], f"{pre}/Used")
+        used = em.node("Cast", [_rows_using(em, g, pre)], f"{pre}/UsedF", to=TensorProto.FLOAT)
+        mx = em.node("ReduceMax", [used], f"{pre}/AnyRow", keepdims=0)
+        cond = em.node("Greater", [mx, _zero_f32(em)], f"{pre}/AnyUsed")
         branch = _Emitter(em.graph)
         branch.cache = {k: v for k, v in em.cache.items() if k[0] in ("const", "zero")}  # outer names are visible
         out_then, out_else = f"{pre}/then/y", f"{pre}/else/y"
@@ -140,9 +152,9 @@ def _in_if(inner):
 
 
 def _lower_compact(em: _Emitter, node, pre: str, idx: str, a_flat: str, b_flat: str) -> None:
-    """rows = NonZero(gate > 0) [n];  y = ScatterND(base_out, rows, base_out[rows] + update(x[rows]))."""
+    """rows = NonZero(gate != 0) [n];  y = ScatterND(base_out, rows, base_out[rows] + update(x[rows]))."""
     g, gate3 = _gate(em, node, pre)
-    used = em.node("Greater", [g, _zero_f32(em)], f"{pre}/Used")
+    used = _rows_using(em, g, pre)
     rows = em.node("Reshape", [em.node("NonZero", [used], f"{pre}/Rows"), em.const("shape", [-1])], f"{pre}/RowsFlat")
     xs = em.node("Gather", [node.input[0], rows], f"{pre}/GatherX", axis=0)
     d = _update_nodes(em, pre, xs, em.node("Gather", [idx, rows], f"{pre}/GatherIdx", axis=0), a_flat, b_flat,
