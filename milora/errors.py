@@ -69,3 +69,17 @@ class ManifestError(MiloraError):
 
 class CapacityError(MiloraError):
     """A request can never fit (prompt longer than the context, KV budget too small)."""
+
+
+class RequestError(MiloraError, ValueError):
+    """A request is malformed: an empty prompt, token ids outside the vocabulary, a tenant slot
+    outside the export's slots, contradictory prompt arguments."""
+
+
+class OverloadError(MiloraError):
+    """The runtime's queue is full: retry later (a server answers 429 / 503 with Retry-After)."""
+
+
+class NumericalError(MiloraError):
+    """A request's own computation produced NaN or inf (its tenant's adapter or its input is
+    corrupt). Only that request fails; every other row of the batch is unaffected."""

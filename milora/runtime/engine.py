@@ -13,7 +13,9 @@ different tenants and lengths share a batch; finished or cancelled rows leave at
 
 from __future__ import annotations
 
+import functools
 import itertools
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,10 +24,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from milora.errors import CapacityError, MiloraError, TenantError
+from milora.errors import CapacityError, NumericalError, OverloadError, RequestError, TenantError
 from milora.runtime.bundle import Bundle
 from milora.runtime.ort_backend import BatchKV, OrtBackend
-from milora.runtime.sampling import Sampler, SamplingParams, find_stop
+from milora.runtime.sampling import Sampler, SamplingParams, find_stop, token_logprobs
 from milora.runtime.tenants import TenantRegistry
 
 _NO_IDS = np.zeros(0, dtype=np.int64)
@@ -46,6 +48,8 @@ class Request:
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    # with params.logprobs: per generated token, (log p(token), [(id, log p)] top alternatives)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     _sampler: Sampler | None = None
     _slot: int | None = None
     _streamed: int = 0
@@ -59,12 +63,32 @@ class Request:
         return len(self.prompt_ids) + self.params.max_new_tokens
 
 
+def _locked(method):
+    """Run an Engine method under the engine's lock: any number of threads may submit, cancel,
+    step and stream; one step runs at a time and advances every request."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
+DEFAULT_MAX_QUEUE = 4096
+
+
 class Engine:
     def __init__(self, out_dir: str | Path, providers: Sequence[str] | None = None, max_batch: int = 8,
                  kv_budget_tokens: int | None = None, threads: int | None = None, verify: bool = True,
-                 share_weights: bool = False):
+                 share_weights: bool = False, max_queue: int = DEFAULT_MAX_QUEUE):
         """share_weights: map the export's one weights file once for both graphs (about 40% less
-        memory, for small devices; slower decode on CPU because weights are not prepacked)."""
+        memory, for small devices; slower decode on CPU because weights are not prepacked).
+        max_queue: requests waiting for admission beyond this are refused (OverloadError)."""
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise RequestError(f"max_batch={max_batch!r}; expected an integer >= 1")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise RequestError(f"max_queue={max_queue!r}; expected an integer >= 1")
+        self._lock = threading.RLock()
+        self.max_queue = max_queue
         self.bundle = Bundle.open(out_dir, verify=verify)
         m = self.bundle.manifest
         self.backend = OrtBackend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id,
@@ -72,6 +96,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_context = m["base"].get("max_position_embeddings")
         self.kv_budget = kv_budget_tokens or max_batch * (self.max_context or 2048)
+        self.vocab_size = m["base"]["vocab_size"]
         self.tenants = TenantRegistry(m["slots"], self._load_slot, self.backend.clear_slot)
         for name, info in m["tenants"].items():
             self.tenants.add(name, ("pack", self.bundle.root / info["pack"]))
@@ -85,6 +110,7 @@ class Engine:
         self._slots = np.zeros(0, dtype=np.int64)
         self._gates = np.zeros((0, self.bundle.num_layers, 7), dtype=np.float32)
 
+    @_locked
     def close(self) -> None:
         """Release the onnxruntime sessions and banks now (they hold the model's weights)."""
         for r in list(self._queue) + list(self._rows):
@@ -100,6 +126,7 @@ class Engine:
 
     # ---- tenants ----
 
+    @_locked
     def add_tenant(self, name: str, source: str | Path, pin: bool = False) -> None:
         """Register a tenant from a slot pack (.safetensors written by milora-export) or a MiLoRA /
         format-v1 adapter directory (converted here: no re-export)."""
@@ -111,12 +138,15 @@ class Engine:
             self._read_checked_adapter(path)  # validate now; the pack is built when a slot needs it
         self.tenants.add(name, (kind, path), pin=pin)
 
+    @_locked
     def remove_tenant(self, name: str) -> None:
         self.tenants.remove(name)
 
+    @_locked
     def pin(self, name: str) -> None:
         self.tenants.pin(name)
 
+    @_locked
     def unpin(self, name: str) -> None:
         self.tenants.unpin(name)
 
@@ -148,6 +178,7 @@ class Engine:
 
     # ---- requests ----
 
+    @_locked
     def submit(self, tenant: str | None, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                prompt_ids: list[int] | None = None, params: SamplingParams | None = None) -> Request:
         """Queue a request. Exactly one of prompt (raw text), messages (chat, templated) or
@@ -155,13 +186,21 @@ class Engine:
         serves the bare base model (slot 0: no adapter, no router)."""
         if tenant is not None and tenant not in self.tenants:
             raise TenantError(f"unknown tenant {tenant!r}; this runtime serves: {', '.join(self.tenants.names())}")
-        if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
-            raise MiloraError("give exactly one of prompt, messages or prompt_ids")
+        given = [n for n, x in (("prompt", prompt), ("messages", messages), ("prompt_ids", prompt_ids)) if x is not None]
+        if len(given) != 1:
+            raise RequestError(f"got {', '.join(given) or 'none'} of prompt, messages and prompt_ids; give exactly one")
+        if len(self._queue) >= self.max_queue:
+            raise OverloadError(f"{len(self._queue)} requests are waiting (max_queue {self.max_queue}); retry later "
+                                "or open the engine with a larger max_queue")
         if messages is not None:
             prompt = self.bundle.apply_chat_template(messages)
-        ids = list(prompt_ids) if prompt_ids is not None else self.bundle.encode(prompt)
+        if prompt is not None and not isinstance(prompt, str):
+            raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
+        ids = self._check_ids(prompt_ids) if prompt_ids is not None else self.bundle.encode(prompt)
         if not ids:
-            raise CapacityError("the prompt is empty after tokenization; give at least one token")
+            raise RequestError("the prompt is empty after tokenization; give at least one token")
+        if params is not None and not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         params = params or SamplingParams()
         req = Request(next(self._ids), tenant, ids, params, _sampler=Sampler(params))
         if self.max_context and req.reservation > self.max_context:
@@ -172,6 +211,22 @@ class Engine:
                                 f"{self.kv_budget}; open the engine with a larger kv_budget_tokens")
         self._queue.append(req)
         return req
+
+    @_locked
+    def _check_ids(self, prompt_ids) -> list[int]:
+        """prompt_ids as a list of ints in [0, vocab_size), else RequestError (never fed to a graph:
+        an out-of-range id would fail inside onnxruntime, a negative one would wrap silently)."""
+        try:
+            ids = [int(t) for t in prompt_ids]
+        except (TypeError, ValueError):
+            raise RequestError(f"prompt_ids must be a list of integer token ids, got {prompt_ids!r:.80}") from None
+        if any(isinstance(t, bool) or int(t) != t for t in prompt_ids):
+            raise RequestError(f"prompt_ids must be integers, got {list(prompt_ids)!r:.80}")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"prompt_ids holds {len(bad)} id(s) outside the vocabulary, e.g. {bad[:5]}; "
+                               f"expected ids in 0..{self.vocab_size - 1} (this export's vocab_size)")
+        return ids
 
     def cancel(self, req: Request) -> None:
         if req.done:
@@ -191,6 +246,7 @@ class Engine:
     def idle(self) -> bool:
         return not self._queue and not self._rows
 
+    @_locked
     def stats(self) -> dict[str, Any]:
         return {"queued": len(self._queue), "running": len(self._rows), "kv_reserved_tokens": self._kv_reserved,
                 "kv_batch_tokens": self._kv.mask.size, "tenant_refs": self.tenants.in_use(),
@@ -198,6 +254,7 @@ class Engine:
 
     # ---- scheduling ----
 
+    @_locked
     def step(self) -> None:
         """Admit and prefill what fits, then one decode step for every running row."""
         admitted = self._admit()
@@ -232,9 +289,14 @@ class Engine:
 
     def _prefill(self, reqs: list[Request]) -> None:
         logits, gates, kv = self.backend.prefill([r.prompt_ids for r in reqs], [r._slot for r in reqs])
+        finite = np.isfinite(logits.max(axis=1)) & np.isfinite(gates).all(axis=(1, 2))  # [b]
         for i, r in enumerate(reqs):
             r.gates = gates[i]
             r.first_token_at = time.perf_counter()
+            if not finite[i]:
+                self._fail_numerics(r, "routing gates and logits of its prompt" if not np.isfinite(gates[i]).all()
+                                    else "logits of its prompt")
+                continue
             self._accept(r, logits[i])
         self._rows.extend(reqs)
         self._kv = self.backend.merge(self._kv, kv)
@@ -244,8 +306,12 @@ class Engine:
     def _decode(self) -> None:
         ids = np.array([r.output_ids[-1] for r in self._rows], dtype=np.int64)
         logits = self.backend.decode(ids, self._kv, self._slots, self._gates)
+        finite = np.isfinite(logits.max(axis=1))  # [B]: NaN and +inf propagate through max
         for i, r in enumerate(self._rows):
-            self._accept(r, logits[i])
+            if finite[i]:
+                self._accept(r, logits[i])
+            else:
+                self._fail_numerics(r, f"logits at generated token {len(r.output_ids) + 1}")
         self._drop_finished()
 
     def _accept(self, r: Request, logits: np.ndarray) -> None:
@@ -254,6 +320,8 @@ class Engine:
         # Only the repetition penalty reads the history: don't rebuild it per step otherwise.
         seen = np.asarray(r.prompt_ids + r.output_ids, dtype=np.int64) if p.repetition_penalty != 1.0 else _NO_IDS
         tok = r._sampler(logits, seen)
+        if p.logprobs is not None:
+            r.logprobs.append(token_logprobs(logits, tok, p.logprobs))
         if (tok in self.bundle.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(r, "eos" if tok in self.bundle.eos_token_ids else "stop")
         r.output_ids.append(tok)
@@ -290,6 +358,13 @@ class Engine:
         if r.tenant is not None:
             self.tenants.release(r.tenant)
         self._kv_reserved -= r.reservation
+
+    def _fail_numerics(self, r: Request, what: str) -> None:
+        who = "the base model" if r.tenant is None else f"tenant {r.tenant!r}"
+        self._fail(r, NumericalError(
+            f"request {r.id} ({who}) failed: the {what} hold NaN or inf, so its adapter (or the base weights) is "
+            "corrupt or its input overflowed; other requests are unaffected. Check the adapter "
+            "(milora-export --check OUT_DIR) and remove or replace the tenant"))
 
     def _fail(self, r: Request, exc: Exception) -> None:
         r.status, r.finish_reason, r.error = "failed", "error", exc

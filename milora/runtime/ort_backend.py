@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from milora.errors import ManifestError
+from milora.errors import ManifestError, RequestError
 from milora.export import manifest as mf
 from milora.export.banks import NP_DTYPES
 from milora.runtime.weights import map_shared_initializers
@@ -126,15 +126,32 @@ class OrtBackend:
         self.sessions[graph].run_with_iobinding(binding)
         return binding.get_outputs()
 
+    def check_slots(self, slots) -> np.ndarray:
+        """slots as int64 [B], each in 0..S-1, else RequestError before any graph runs: ONNX
+        Gather wraps a negative index (slot -1 would read the LAST slot's tenant) and fails
+        inside onnxruntime on one past the end."""
+        arr = np.asarray(slots)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise RequestError(f"tenant slots must be a 1-D array of integers, got {arr.dtype} {list(arr.shape)}")
+        bad = arr[(arr < 0) | (arr >= self.slots)]
+        if bad.size:
+            raise RequestError(f"tenant slot(s) {sorted(set(bad.tolist()))[:5]} out of range; this export has "
+                               f"slots 0..{self.slots - 1} (0 = the base model)")
+        return arr.astype(np.int64, copy=False)
+
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[np.ndarray, np.ndarray, BatchKV]:
         """Left-padded prefill of new rows -> (last-position logits [b, V], gates [b, L, 7], their KV)."""
+        slots = self.check_slots(slots)
+        if len(slots) != len(prompts) or not all(len(p) for p in prompts):
+            raise RequestError(f"prefill needs one slot per prompt and no empty prompt; got {len(prompts)} prompts "
+                               f"(lengths {[len(p) for p in prompts][:8]}) and {len(slots)} slots")
         t = max(len(p) for p in prompts)
         ids = np.full((len(prompts), t), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(prompts), t), dtype=np.int64)
         for i, p in enumerate(prompts):
             ids[i, t - len(p):] = p
             mask[i, t - len(p):] = 1
-        feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: np.asarray(slots, dtype=np.int64)}
+        feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots}
         out = self._run("prefill", feeds, [mf.LOGITS, mf.GATES, *self.present_names])
         logits = out[0].numpy()[:, -1, :].astype(np.float32)  # [b, V]
         gates = out[1].numpy().copy()  # [b, L, 7]
@@ -149,6 +166,7 @@ class OrtBackend:
                gates: np.ndarray) -> np.ndarray:
         """Run the decode graph (no router) on T new tokens per row: ids [B, T], new_mask [B, T]
         (0 marks right padding) -> logits [B, T, V]; kv advances by T."""
+        slots = self.check_slots(slots)
         mask = np.concatenate([kv.mask, new_mask.astype(np.int64)], axis=1)  # [B, P+T]
         feeds = {mf.INPUT_IDS: ids.astype(np.int64), mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots,
                  mf.GATES: gates}

@@ -18,11 +18,25 @@ class SamplingError(MiloraError, ValueError):
     """Invalid sampling parameters or stop rules."""
 
 
+MAX_LOGPROBS = 20  # top alternatives per token (the limit OpenAI-style APIs use)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and bool(np.isfinite(value))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters.
     repetition_penalty > 1 divides positive (multiplies negative) logits of tokens already in
-    the prompt or output (CTRL-style, as in Hugging Face)."""
+    the prompt or output (CTRL-style, as in Hugging Face). logprobs N (0..20): record, per
+    generated token, its log-probability and the N most likely alternatives, from the model's
+    own distribution (log-softmax of the logits, before temperature and penalties); None: off."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -33,26 +47,52 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise SamplingError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise SamplingError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if any(not s for s in self.stop):
-            raise SamplingError("stop strings must be non-empty")
+        checks = [
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", _is_real(self.temperature) and self.temperature >= 0, "a finite number >= 0 (0 = greedy)"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_p", _is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "a number in (0, 1] (1 = off)"),
+            ("repetition_penalty", _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+             "a finite number > 0 (1 = off)"),
+            ("seed", self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2 ** 63),
+             "None or an integer in [0, 2**63)"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
+            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"None or an integer in 0..{MAX_LOGPROBS}"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise SamplingError(f"{name}={getattr(self, name)!r} is invalid; expected {expected}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        try:
+            stop = tuple(stop)
+        except TypeError:
+            raise SamplingError(f"stop={self.stop!r} is invalid; expected a string or a list of strings") from None
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise SamplingError(f"stop={list(stop)!r} is invalid; expected non-empty strings")
+        ids = tuple(self.stop_token_ids) if not isinstance(self.stop_token_ids, (str, bytes)) else (self.stop_token_ids,)
+        if any(not _is_int(t) or t < 0 for t in ids):
+            raise SamplingError(f"stop_token_ids={list(ids)!r} is invalid; expected non-negative token ids")
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log p(token), [(id, log p)] of the `top` most likely ids, most likely first) under
+    softmax(logits) [V]."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    logp = x - m - np.log(np.exp(x - m).sum())
+    best = np.argpartition(-logp, top)[:top] if 0 < top < logp.size else np.arange(logp.size if top else 0)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return float(logp[token]), [(int(i), float(logp[i])) for i in best]
 
 
 @dataclass
