@@ -37,7 +37,7 @@ ROUTER_PARTS = ("weight", "pooler", "act_num", "act_den", "noise_weight")
 
 @dataclass
 class MiloraOutput:
-    logits: Tensor  # [B, T, V]
+    logits: Tensor | None  # [B, T, V]; None with forward(..., loss_only=True)
     past_key_values: Any  # the HF cache, or None without use_cache
     routing: RoutingState  # computed (prefill) or the one given (decode)
     loss: Tensor | None = None  # lm_loss + lb_coef * lb_loss (when labels are given)
@@ -120,13 +120,21 @@ class MiloraModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 routing: RoutingState | None = None, routing_mask: Tensor | None = None,
                 past_key_values: Any = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None, use_cache: bool | None = None, **kwargs) -> MiloraOutput:
+                labels: Tensor | None = None, use_cache: bool | None = None, loss_only: bool = False,
+                **kwargs) -> MiloraOutput:
         """One forward. Without `routing`, routers run on the tokens selected by
         `routing_mask` [B, T] (default: attention_mask, i.e. the prompt at inference;
         in training, the prompt span while attention covers prompt and response).
-        With `routing` (from a prefill), no router runs."""
+        With `routing` (from a prefill), no router runs.
+
+        loss_only (with labels): the LM head runs only where a label is (the response
+        tokens), not over the whole vocabulary at every prompt token; the loss is the same,
+        out.logits is None. Training uses it: on SmolLM2 (vocabulary 49152) the full logits
+        of a prompt-heavy batch dominate the step's memory."""
         if routing is not None and routing_mask is not None:
             raise RoutingError("give either routing (decode) or routing_mask (prefill), not both")
+        if loss_only and labels is None:
+            raise RoutingError("forward(loss_only=True) needs labels: the loss is all it computes")
         t = input_ids.shape[1]
         if attention_mask is None:
             past = 0 if past_key_values is None else past_key_values.get_seq_length()
@@ -137,16 +145,39 @@ class MiloraModel(nn.Module):
         session = RoutingSession(routing, routing_mask)
         kwargs[self._cache_arg] = past_key_values
         with routing_session(session):
-            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  labels=labels, use_cache=use_cache, **kwargs)
+            if loss_only:
+                out, lm_loss, logits = self._forward_loss_only(input_ids, attention_mask, position_ids, labels,
+                                                              use_cache, kwargs)
+            else:
+                out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      labels=labels, use_cache=use_cache, **kwargs)
+                lm_loss, logits = out.loss, out.logits
         lb = None
         if routing is None and self.routers is not None:
             lb = load_balancing_loss(session.lb_probs or [], self.config.lb_loss)
-        loss = out.loss
+        loss = lm_loss
         if loss is not None and lb is not None:
             loss = loss + self.config.lb_coef * lb
         cache = out.get("past_key_values", out.get("cache"))
-        return MiloraOutput(out.logits, cache, session.state, loss, out.loss, lb)
+        return MiloraOutput(logits, cache, session.state, loss, lm_loss, lb)
+
+    def _forward_loss_only(self, input_ids, attention_mask, position_ids, labels, use_cache, kwargs):
+        """(HF output, mean token loss, None): the base model runs with its LM head on one
+        position (logits_to_keep=1), the decoder's last hidden state is taken from a hook, and
+        the LM head then runs on the labelled positions only. Same maths as the HF causal-LM
+        loss: position t predicts labels[t + 1], -100 ignored, mean over labelled tokens."""
+        seen: list[Tensor] = []
+        handle = self.base_model.get_decoder().register_forward_hook(lambda m, a, o: seen.append(o[0]))
+        try:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=use_cache, logits_to_keep=1, **kwargs)
+        finally:
+            handle.remove()
+        target = labels[:, 1:]  # [B, T-1]
+        keep = target != -100
+        hidden = seen[-1][:, :-1][keep]  # [N, d]: the positions that predict a label
+        logits = self.base_model.get_output_embeddings()(hidden).float()  # [N, V]
+        return out, nn.functional.cross_entropy(logits, target[keep]), None
 
     def gradient_checkpointing_enable(self, **checkpoint_kwargs) -> None:
         """Activation checkpointing of the base model's decoder layers (use this, not the base
