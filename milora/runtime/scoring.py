@@ -1,5 +1,6 @@
-"""Scoring continuations through an exported directory: multiple-choice evaluation with the
-runtime, with the semantics of milora.train.eval (routing from the question's prompt only).
+"""Scoring through an exported directory, with the semantics of milora.train.eval (routing
+from the question's prompt only): multiple choice by option log-likelihood, math by greedy
+generation and the final number, accuracy with a percentile-bootstrap interval.
 
     log p(option | prompt) = log p(o_1 | prompt) + sum_j log p(o_j | prompt, o_<j)
 
@@ -9,6 +10,8 @@ as one decode-graph call on C copies of that KV with the prompt's gates, right-p
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -70,3 +73,71 @@ def evaluate_mc(engine, tenant: str | None, items, chat: bool = True, norm: str 
         preds.append(best)
         correct.append(best == ex.answer_index)
     return MCResult(float(np.mean(correct)) if correct else 0.0, len(correct), correct, preds)
+
+
+_ANSWER_RE = re.compile(r"answer is\s*:?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def extract_number(text: str) -> str | None:
+    """The final answer of a math response: the number after 'answer is', else the last number."""
+    m = _ANSWER_RE.findall(text)
+    found = m[-1] if m else (_NUMBER_RE.findall(text) or [None])[-1]
+    return None if found is None else found.replace(",", "").rstrip(".")
+
+
+def same_number(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        return math.isclose(float(a), float(b.replace(",", "")), rel_tol=0, abs_tol=1e-6)
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+@dataclass
+class MathResult:
+    accuracy: float
+    n: int
+    correct: list[bool] = field(default_factory=list)
+    predictions: list[str] = field(default_factory=list)  # the generated texts
+
+
+def evaluate_math(engine, tenant: str | None, items, max_new_tokens: int = 256, chat: bool = True) -> MathResult:
+    """Greedy generation for every item (objects with .prompt and .answer); correct when the
+    extracted number equals .answer."""
+    return evaluate_math_many(engine, [tenant], items, max_new_tokens, chat)[0]
+
+
+def evaluate_math_many(engine, tenants: Sequence[str | None], items, max_new_tokens: int = 256,
+                       chat: bool = True) -> list[MathResult]:
+    """evaluate_math for several tenants (None: the base model) on the same items, every
+    request submitted at once: the engine batches rows of different tenants together."""
+    from milora.runtime.sampling import SamplingParams
+
+    unknown = [t for t in tenants if t is not None and t not in engine.tenants]
+    if unknown:
+        raise TenantError(f"unknown tenant(s) {unknown}; this engine serves: {', '.join(engine.tenants.names())}")
+    params = SamplingParams(max_new_tokens=max_new_tokens)  # temperature 0: greedy
+    reqs = [[engine.submit(t, messages=[{"role": "user", "content": ex.prompt}], params=params) if chat
+             else engine.submit(t, prompt=ex.prompt + "\n", params=params) for ex in items] for t in tenants]
+    engine.run_until_done()
+    out = []
+    for rs in reqs:
+        texts = [r.text for r in rs]
+        correct = [same_number(extract_number(t), ex.answer) for t, ex in zip(texts, items)]
+        out.append(MathResult(float(np.mean(correct)) if correct else 0.0, len(correct), correct, texts))
+    return out
+
+
+def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of `values` (resampling items); for paired
+    differences pass per-item differences. NaNs when `values` is empty."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
