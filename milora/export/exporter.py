@@ -149,9 +149,10 @@ def torch_threads(n: int | None):
 
 
 def _steps(opts: ExportOptions, total: int):
-    from tqdm import tqdm
+    from milora.progress import progress
 
-    return tqdm(total=total, desc="milora-export", unit="step", disable=not opts.progress, leave=False)
+    # In a log: a line per sub-step (set_description) and one at the end, no counter lines.
+    return progress(total, "milora-export", "step", enabled=opts.progress, every=total)
 
 
 def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: ExportOptions, bar) -> dict[str, Any]:
@@ -161,7 +162,7 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
     from milora.model.inject import base_info
 
     started = time.time()
-    bar.set_postfix_str("loading model and adapters")
+    bar.set_description("loading model and adapters")
     hf = load_base(model_dir, opts.dtype)
     check_supported(hf)
     base = dict(base_info(hf), max_position_embeddings=getattr(hf.config, "max_position_embeddings", None))
@@ -186,7 +187,7 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
     weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
     try:
         for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
-            bar.set_postfix_str(f"exporting {graph}")
+            bar.set_description(f"exporting {graph}")
             export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering, weights)
             bar.update()
     finally:
@@ -198,7 +199,7 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
             shutil.copy2(model_dir / name, tmp / name)
     manifest["export_seconds"] = round(time.time() - started, 2)
     if opts.validate:
-        bar.set_postfix_str("validating against PyTorch")
+        bar.set_description("validating against PyTorch")
         manifest["validation"] = run_validation(tmp, manifest, hf, tenants, opts)
         bar.update()
     bar.update()

@@ -10,12 +10,13 @@ over questions; paired_bootstrap compares two systems on the same questions.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 
 from milora.errors import DataError
+# One definition of "the final number of a math answer", shared with the runtime's scorer.
+from milora.runtime.scoring import extract_number, same_number  # noqa: F401 (re-exported)
 from milora.train.data import Example
 from milora.train.encode import pad_id_of, prompt_ids
 
@@ -113,48 +114,31 @@ def option_scores(model, tokenizer, ex: Example, chat: bool = True, max_length: 
 
 def evaluate_mc(model, tokenizer, examples: list[Example], chat: bool = True, max_length: int = 512,
                 norm: str = "char", progress: bool = False, routing_counts: torch.Tensor | None = None) -> EvalResult:
-    from tqdm.auto import tqdm
+    from milora.progress import progress as make_progress
 
     model.eval()
     correct, preds = [], []
-    for ex in tqdm(examples, disable=not progress, desc="eval", unit="q"):
-        scores = option_scores(model, tokenizer, ex, chat, max_length, norm, routing_counts)
-        best = max(range(len(scores)), key=scores.__getitem__)
-        correct.append(best == ex.answer_index)
-        preds.append(ex.choices[best])
+    with make_progress(len(examples), "eval", "q", enabled=progress) as bar:
+        for ex in examples:
+            scores = option_scores(model, tokenizer, ex, chat, max_length, norm, routing_counts)
+            best = max(range(len(scores)), key=scores.__getitem__)
+            correct.append(best == ex.answer_index)
+            preds.append(ex.choices[best])
+            bar.update()
     return _result(correct, preds)
-
-
-_ANSWER_RE = re.compile(r"answer is\s*:?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
-_NUMBER_RE = re.compile(r"-?[\d,]*\.?\d+")
-
-
-def extract_number(text: str) -> str | None:
-    """The final answer of a math response: the number after 'answer is', else the last number."""
-    m = _ANSWER_RE.findall(text)
-    found = m[-1] if m else (_NUMBER_RE.findall(text) or [None])[-1]
-    return None if found is None else found.replace(",", "").rstrip(".")
-
-
-def same_number(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return False
-    try:
-        return math.isclose(float(a), float(b.replace(",", "")), rel_tol=0, abs_tol=1e-6)
-    except ValueError:
-        return a.strip() == b.strip()
 
 
 @torch.no_grad()
 def evaluate_math(model, tokenizer, examples: list[Example], chat: bool = True, max_new_tokens: int = 256,
                   batch_size: int = 8, progress: bool = False) -> EvalResult:
     """Greedy generation; correct when the extracted number equals the example's answer."""
-    from tqdm.auto import tqdm
+    from milora.progress import progress as make_progress
 
     model.eval()
     pad = pad_id_of(tokenizer)
     correct, preds = [], []
-    for i in tqdm(range(0, len(examples), batch_size), disable=not progress, desc="eval", unit="batch"):
+    bar = make_progress(-(-len(examples) // batch_size), "eval", "batch", enabled=progress)
+    for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         prompts = [prompt_ids(tokenizer, e.prompt, chat) for e in chunk]
         t = max(len(p) for p in prompts)
@@ -169,6 +153,8 @@ def evaluate_math(model, tokenizer, examples: list[Example], chat: bool = True, 
             text = tokenizer.decode(out[r, t:], skip_special_tokens=True)
             preds.append(text)
             correct.append(same_number(extract_number(text), e.answer))
+        bar.update()
+    bar.close()
     return _result(correct, preds)
 
 
