@@ -85,9 +85,13 @@ def train_adapter(base: str | Path, out_dir: str | Path, adapter: MiloraConfig, 
     milora = MiloraModel(model, adapter)
     result = train(milora, tok, train_data, dev, train_config, out_dir, resume=resume, progress=progress)
     if save_dtype is not None:
-        # Re-save the kept (best) adapter in the smaller dtype; routers stay float32.
-        best = MiloraModel.from_pretrained(load_base(base)[0], out_dir)
-        best.save_adapter(out_dir, dtype=save_dtype)
+        # Re-save the kept (best) adapter in the smaller dtype (routers stay float32), loaded
+        # into the model already in memory rather than into a second copy of the base.
+        from milora.adapter_format import read_adapter
+
+        _, _, tensors = read_adapter(out_dir)
+        milora.load_adapter_state_dict(tensors, where=str(out_dir))
+        milora.save_adapter(out_dir, dtype=save_dtype)
     return result
 
 

@@ -122,7 +122,7 @@ def dev_loss(model, rows: list[Row], pad_id: int, batch_size: int) -> float:
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = collate(rows[i:i + batch_size], pad_id)
-        out = model(**batch)
+        out = model(**batch, loss_only=True)
         n = int((batch["labels"][:, 1:] != IGNORE).sum())  # HF shifts labels by one
         total += float(out.lm_loss) * n
         count += n
@@ -168,7 +168,7 @@ def train(model, tokenizer, train_data: list[Example], dev_data: list[Example], 
     """Train `model` (a MiloraModel) in place and write the best adapter to out_dir.
     stop_after: stop (with a checkpoint) once that many optimizer steps are done in total, as
     an interruption would; a later call with resume=True continues the same run."""
-    from tqdm.auto import tqdm
+    from milora.progress import progress as make_progress
 
     if not train_data:
         raise TrainingError("no training examples")
@@ -189,7 +189,7 @@ def train(model, tokenizer, train_data: list[Example], dev_data: list[Example], 
         torch.manual_seed(cfg.seed)
     train_losses: list[float] = []
     model.train()
-    bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc="milora-train", unit="step")
+    bar = make_progress(steps, "milora-train", "step", enabled=progress, initial=state["step"])
     end = steps if stop_after is None else min(steps, stop_after)
     while state["step"] < end and not state["stopped_early"]:
         step = state["step"]
@@ -197,7 +197,8 @@ def train(model, tokenizer, train_data: list[Example], dev_data: list[Example], 
         loss_sum, lb_sum = 0.0, 0.0
         for a in range(cfg.grad_accum):
             batch = collate(micro_batch(rows, cfg, step * cfg.grad_accum + a), pad)
-            out = model(**batch)
+            # Loss only: the LM head over the response tokens, not the vocabulary at every prompt token.
+            out = model(**batch, loss_only=True)
             (out.loss / cfg.grad_accum).backward()
             loss_sum += float(out.lm_loss.detach()) / cfg.grad_accum
             lb_sum += (float(out.lb_loss.detach()) if out.lb_loss is not None else 0.0) / cfg.grad_accum
@@ -206,8 +207,7 @@ def train(model, tokenizer, train_data: list[Example], dev_data: list[Example], 
         sched.step()
         state["step"] = step + 1
         train_losses.append(loss_sum)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lb=f"{lb_sum:.4f}")
+        bar.update(1, loss=f"{loss_sum:.4f}", lb=f"{lb_sum:.4f}")
         if dev_rows and (state["step"] % cfg.eval_every == 0 or state["step"] == steps):
             _evaluate(model, dev_rows, pad, cfg, state, out_dir, bar)
         if state["step"] % cfg.eval_every == 0 or state["step"] == end:
