@@ -17,6 +17,7 @@ Every mismatch is collected (output name, row, max error, bound), then one Valid
 from __future__ import annotations
 
 import copy
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,17 +107,28 @@ def reference_rows(hf_model, tenants: dict[str, Any], rows: list[Row]) -> list[R
 
     nl = hf_model.config.num_hidden_layers
     refs: list[RowRef | None] = [None] * len(rows)
-    for name in dict.fromkeys(r.tenant for r in rows):
-        if name is None:
-            model, t = hf_model, None
-        else:
-            t = tenants[name]
-            model = MiloraModel(copy.deepcopy(hf_model), t.config).eval()
-            model.load_adapter_state_dict(t.tensors, where=f"tenant {name}")
-        for i, row in enumerate(rows):
-            if row.tenant == name:
-                refs[i] = _reference_row(model, t, row, nl)
-        del model
+    # The tenants' models share the base's weight tensors (MiloraModel freezes them: put the
+    # flags back after). A deepcopy per tenant held a second copy of every weight, and more
+    # than one at a time until the garbage collector broke the hooks' reference cycles.
+    weights = [*hf_model.parameters(), *hf_model.buffers()]
+    requires_grad = [t.requires_grad for t in weights]
+    try:
+        for name in dict.fromkeys(r.tenant for r in rows):
+            if name is None:
+                model, t = hf_model, None
+            else:
+                t = tenants[name]
+                shared = copy.deepcopy(hf_model, memo={id(w): w for w in weights})  # modules copied, tensors not
+                model = MiloraModel(shared, t.config).eval()
+                model.load_adapter_state_dict(t.tensors, where=f"tenant {name}")
+            for i, row in enumerate(rows):
+                if row.tenant == name:
+                    refs[i] = _reference_row(model, t, row, nl)
+            del model
+            gc.collect()
+    finally:
+        for w, flag in zip(weights, requires_grad):
+            w.requires_grad_(flag)
     return refs  # type: ignore[return-value]
 
 
