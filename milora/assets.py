@@ -19,6 +19,7 @@ CLI (entry point milora-assets):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -26,6 +27,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from milora.errors import AssetError, MiloraError
 
@@ -79,8 +81,70 @@ def _require_gguf_reader() -> None:
         raise AssetError(f"reading the SmolLM2 GGUF needs the 'gguf' package. Install it with: {INSTALL_HINT}")
 
 
+@contextlib.contextmanager
+def _quiet_conversion():
+    """Off a terminal (a log, CI): no GGUF conversion bar (carriage returns) and no tokenizer
+    'legacy behaviour' notice, which says itself that it does not apply to a GGUF tokenizer."""
+    from milora.progress import interactive
+
+    if interactive():
+        yield
+        return
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bar = getattr(gguf_utils, "tqdm", None)  # the module's own `from tqdm.auto import tqdm`
+    verbosity = hf_logging.get_verbosity()
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        hf_logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
+def _parse_gguf_once():
+    """Transformers parses the GGUF header once per object it builds (config twice, model,
+    tokenizer: about 5 s each on a 2-core CPU, 49152 vocabulary strings through a numpy
+    memmap) and rebuilds gguf's tensor-name table for every module it maps (about 6 s). Both
+    are pure functions of their arguments and only read the file: for the conversion, each
+    is computed once. Transformers imports both from `gguf` when it calls them, so patching
+    the package's attributes reaches it; if it ever imports them otherwise, the conversion
+    is only slower."""
+    import functools
+
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, Any] = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_cls(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+        readers.clear()
+
+
 def _materialise(gguf: Path, target: Path) -> None:
     """Write the HF directory into `target` (a fresh temporary directory)."""
+    with _quiet_conversion(), _parse_gguf_once():
+        _convert(gguf, target)
+
+
+def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -111,6 +175,12 @@ def _materialise(gguf: Path, target: Path) -> None:
     tokenizer.add_special_tokens(special)
     tokenizer.save_pretrained(str(target))
     (target / _COMPLETE_MARKER).write_text(f"from {gguf.name}\n")
+
+
+def cached_smollm2(cache: str | Path | None = None) -> Path | None:
+    """The materialised SmolLM2 directory if the cache holds a complete one, else None."""
+    final = (Path(cache) if cache is not None else cache_root()) / SMOLLM2_DIRNAME
+    return final if (final / _COMPLETE_MARKER).is_file() else None
 
 
 def smollm2_dir(cache: str | Path | None = None) -> Path:
