@@ -46,6 +46,16 @@ def test_option_scores_equal_reference(exported, tenant):
     assert len(set(np.round(got, 3))) == len(options)  # distinct: the test can tell options apart
 
 
+def test_one_token_options_equal_reference(exported):
+    model_dir, out_dir = exported
+    prompt = random_prompts(6, (9,))[0]
+    options = random_prompts(7, (1, 1, 1))
+    engine = Engine(out_dir)
+    got = score_options(engine, "beta", prompt, options)  # no decode-graph call for one-token options
+    np.testing.assert_allclose(got, reference_scores(model_dir, "beta", prompt, options), atol=1e-4)
+    assert engine.stats()["tenant_refs"] == 0
+
+
 def test_evaluate_mc_picks_the_reference_best(exported):
     model_dir, out_dir = exported
     engine = Engine(out_dir)

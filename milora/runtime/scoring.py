@@ -34,6 +34,8 @@ def score_options(engine, tenant: str | None, prompt_ids: Sequence[int], options
         last, gates, kv = backend.prefill([list(prompt_ids)], [slot])  # [1, V], [1, L, 7]
         first = _log_softmax(last[0])
         c, longest = len(options), max(len(o) for o in options)
+        if longest == 1:  # one-token options (BoolQ's no / yes): the prompt's logits are all it takes
+            return [float(first[o[0]]) for o in options]
         ids = np.full((c, longest), engine.bundle.pad_token_id, dtype=np.int64)
         mask = np.zeros((c, longest), dtype=np.int64)
         for i, o in enumerate(options):
