@@ -134,7 +134,8 @@ class MiloraModel(nn.Module):
         if routing is not None and routing_mask is not None:
             raise RoutingError("give either routing (decode) or routing_mask (prefill), not both")
         if loss_only and labels is None:
-            raise RoutingError("forward(loss_only=True) needs labels: the loss is all it computes")
+            raise RoutingError("forward(loss_only=True) got labels=None; loss_only computes only the loss, so it "
+                               "needs labels [B, T] (-100 where no loss): pass labels, or drop loss_only for logits")
         t = input_ids.shape[1]
         if attention_mask is None:
             past = 0 if past_key_values is None else past_key_values.get_seq_length()
