@@ -196,7 +196,7 @@ def print_scores(raw: list[dict[str, Any]], cached: bool, tenants: dict[str, Pat
     for name in tenants:
         info = read_json(tenants[name] / tenant_demo.DEMO_INFO) or {}
         spec = tenant_demo.DEMO_TENANTS[name]
-        recipes.append(f"{name} {info.get('steps', spec.steps)} steps x {spec.batch_size}")
+        recipes.append(f"{name} {info.get('steps', spec.steps)} steps x {spec.examples_per_step}")
     print(f"The tenants are demo-sized, trained on a few dozen examples each ({'; '.join(recipes)}): enough to "
           "change how they answer (above), not to make them good at their tasks. With n this small only a large "
           "difference in accuracy could show.")

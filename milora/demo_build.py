@@ -172,7 +172,7 @@ def build(cache: Path, force: bool = False, isolate: bool = True, progress: bool
             tenants[name] = cached
             say(f"      {name:<14} cached ({cached})")
             continue
-        say(f"      {name:<14} training on {spec.task}: {spec.steps} steps of {spec.batch_size} examples ...")
+        say(f"      {name:<14} training on {spec.task}: {spec.steps} steps of {spec.examples_per_step} examples ...")
         t0 = time.perf_counter()
         with _child_env():
             res = run_isolated(f"train {name}", train_stage, name, str(root), str(base), progress, isolate=isolate)

@@ -40,13 +40,18 @@ class DemoTenant:
     max_length: int
     top_k: int = 1
     lr: float = 2e-3
-    # First N training items (None: steps x batch_size, each item seen once; encoding the
+    grad_accum: int = 1  # micro-batches of batch_size per step: memory of one, examples of all
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+    # First N training items (None: steps x examples per step, each seen once; encoding the
     # whole split would cost more than the steps on BoolQ).
     train_limit: int | None = None
 
     @property
     def items(self) -> int:
-        return self.train_limit if self.train_limit is not None else self.steps * self.batch_size
+        return self.train_limit if self.train_limit is not None else self.steps * self.examples_per_step
 
 
 # The fewest steps (docs/demo.md: about 80 s of training on a quiet 2-core CPU) after which
@@ -55,7 +60,8 @@ class DemoTenant:
 # max_length is above each task's longest item, so no row is truncated.
 DEMO_TENANTS: dict[str, DemoTenant] = {
     "arc-easy": DemoTenant("arc_e", steps=6, batch_size=4, max_length=192, lr=3e-3),
-    "boolq": DemoTenant("boolq", steps=6, batch_size=4, max_length=256, lr=2e-3),
+    # BoolQ rows are the longest: two micro-batches of 2 keep its step under the export's peak memory.
+    "boolq": DemoTenant("boolq", steps=6, batch_size=2, grad_accum=2, max_length=256, lr=2e-3),
     "gsm-symbolic": DemoTenant("gsm_symbolic", steps=8, batch_size=2, max_length=384, top_k=2, lr=3e-3),
 }
 DEMO_RANK = 8
@@ -83,8 +89,8 @@ def demo_configs(spec: DemoTenant):
 
     adapter = MiloraConfig(rank=DEMO_RANK, alpha=2.0 * DEMO_RANK, top_k=spec.top_k)
     # eval_every beyond the last step: no dev passes but the one at the end (recorded).
-    train = dict(lr=spec.lr, max_steps=spec.steps, batch_size=spec.batch_size, eval_every=spec.steps + 1,
-                 warmup_ratio=0.1, seed=DEMO_SEED, max_length=spec.max_length)
+    train = dict(lr=spec.lr, max_steps=spec.steps, batch_size=spec.batch_size, grad_accum=spec.grad_accum,
+                 eval_every=spec.steps + 1, warmup_ratio=0.1, seed=DEMO_SEED, max_length=spec.max_length)
     return adapter, train
 
 
@@ -93,7 +99,8 @@ def command(name: str) -> str:
     return (f"milora-assets demo-tenants --force  # or: OMP_NUM_THREADS={DEMO_TORCH_THREADS} milora-train "
             f"--base smollm2 --task {spec.task} --out DIR "
             f"--rank {DEMO_RANK} --alpha {2 * DEMO_RANK} --top-k {spec.top_k} --lr {spec.lr} --max-steps {spec.steps} "
-            f"--batch-size {spec.batch_size} --max-length {spec.max_length} --eval-every {spec.steps + 1} "
+            f"--batch-size {spec.batch_size} --grad-accum {spec.grad_accum} --max-length {spec.max_length} "
+            f"--eval-every {spec.steps + 1} "
             f"--warmup-ratio 0.1 --seed {DEMO_SEED} --train-limit {spec.items} --dev-limit {DEMO_DEV_LIMIT} --fp16")
 
 
