@@ -166,3 +166,19 @@ def test_config_without_base_dims(saved):
     path.write_text(json.dumps(data))
     with pytest.raises(AdapterFormatError, match=r"'base' lacks \['hidden_size'\]"):
         load_milora(tiny_llama(), saved)
+
+
+def test_equal_adapters_are_equal_files(tmp_path):
+    # safetensors orders its metadata map at random; save_adapter sorts it.
+    from safetensors import safe_open
+
+    model = tenant(25)
+    files = []
+    for i in range(6):
+        model.save_adapter(tmp_path / str(i), dtype=torch.float16 if i % 2 else None)
+        files.append((tmp_path / str(i) / ADAPTER_WEIGHTS_FILE).read_bytes())
+    assert len(set(files[0::2])) == 1 and len(set(files[1::2])) == 1
+    with safe_open(str(tmp_path / "0" / ADAPTER_WEIGHTS_FILE), "pt") as f:
+        assert f.metadata() == {"format": "milora", "format_version": "1"}
+    loaded = load_milora(tiny_llama(), tmp_path / "1")
+    assert torch.equal(loaded.linears[(0, "q_proj")].lora_A, model.linears[(0, "q_proj")].lora_A.half().float())

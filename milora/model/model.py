@@ -278,6 +278,7 @@ class MiloraModel(nn.Module):
             tensors[name] = t
         tmp = directory / (ADAPTER_WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "milora", "format_version": "1"})
+        _sort_metadata(tmp)
         tmp.replace(directory / ADAPTER_WEIGHTS_FILE)
         (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(self.config.to_json_dict(self.base), indent=2) + "\n")
         return directory
@@ -293,6 +294,27 @@ class MiloraModel(nn.Module):
         # Inference mode, as Hugging Face's from_pretrained: noisy gating and dropout act only
         # after an explicit .train().
         return model.eval()
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes its metadata map in a random order (a Rust HashMap), so equal
+    adapters made equal files only by chance: rewrite the header with the metadata sorted, in
+    place (same characters, same length). Reproducible training then means identical bytes,
+    and an export fingerprinted by sha256 is not redone for nothing."""
+    import struct
+
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) > size:  # another serialiser's spacing: leave the file as written
+            return
+        f.seek(8)
+        f.write(raw + b" " * (size - len(raw)))
 
 
 def add_milora(base_model: nn.Module, config: MiloraConfig | None = None, **options) -> MiloraModel:
