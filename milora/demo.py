@@ -27,9 +27,11 @@ from typing import Any
 from milora.errors import MiloraError
 
 # Scoring: the first n test items of each tenant's task, the same items for tenant and base.
-# Sized to the time budget: a multiple-choice item costs a prefill per system; a math item
-# a greedy generation of up to MATH_MAX_NEW_TOKENS tokens.
-SCORE_ITEMS = {"arc_e": 30, "boolq": 20, "gsm_symbolic": 10}
+# Sized to the time budget: a multiple-choice item costs a prefill per system; a math item a
+# greedy generation of up to MATH_MAX_NEW_TOKENS tokens (most reference solutions fit), and
+# its rows run to the limit when a model loops: 8 items for both systems cost about as much
+# as the 100 multiple-choice prefills.
+SCORE_ITEMS = {"arc_e": 30, "boolq": 20, "gsm_symbolic": 8}
 MATH_MAX_NEW_TOKENS = 160
 SCORE_SETTINGS = {"items": SCORE_ITEMS, "math_max_new_tokens": MATH_MAX_NEW_TOKENS, "norm": "char", "chat": True,
                   "bootstrap": {"n": 2000, "seed": 0, "level": 0.95}, "version": 2}
@@ -90,7 +92,8 @@ def score_rows(raw: list[dict[str, Any]]):
             return Score(sum(x) / len(x), lo, hi, len(x))
 
         lo, hi = bootstrap_interval([p - q for p, q in zip(a, b)], boot["n"], boot["seed"], boot["level"])
-        metric = "greedy answer, final number" if r["task"] in _math_tasks() else "option log-likelihood"
+        metric = ("greedy answer, its final number" if r["task"] in _math_tasks()
+                  else "option log-likelihood per character")
         out.append(ScoreRow(r["tenant"], r["task"], metric, score(a), score(b), sum(a) / len(a) - sum(b) / len(b),
                             lo, hi, same_items=a == b))
     return out
@@ -142,7 +145,13 @@ def _expected(ex) -> str:
     return ex.answer if ex.answer is not None else ex.response
 
 
+def _answer(req) -> str:
+    return req.text if req.status != "failed" else f"(request failed: {req.error})"
+
+
 def _rate(req) -> str:
+    if req.first_token_at is None:
+        return f"no token ({req.status})"
     ttft = req.first_token_at - req.submitted_at
     n = len(req.output_ids)
     span = (req.finished_at or req.first_token_at) - req.first_token_at
@@ -154,16 +163,18 @@ def print_served(served: dict[str, Any], width: int) -> None:
     from milora.demo_view import experts_per_layer, routing_grid, side_by_side
 
     for tenant, ex, mine, base in served["pairs"]:
-        print(f"\n=== tenant {tenant} ({experts_per_layer(mine.gates)} experts on per layer)")
+        k = experts_per_layer(mine.gates) if mine.gates is not None else "no routing"
+        print(f"\n=== tenant {tenant} ({k} experts on per layer)")
         print(f"Q: {_clip(ex.prompt, 6, width)}")
         print(f"expected answer: {_expected(ex)}")
         print("routing for this prompt (experts q k v o g u d x layers; # = on):")
-        print(routing_grid(mine.gates))
-        print(side_by_side(f"tenant {tenant}", mine.text, "base model (same prompt, same batch)", base.text, width))
+        print(routing_grid(mine.gates) if mine.gates is not None else "  (the request failed before its prefill)")
+        print(side_by_side(f"tenant {tenant}", _answer(mine), "base model (same prompt, same batch)", _answer(base),
+                           width))
         print(f"  tenant: {_rate(mine)}\n  base:   {_rate(base)}")
     reqs = [r for _, _, a, b in served["pairs"] for r in (a, b)]
     tokens = sum(len(r.output_ids) for r in reqs)
-    ttft = sorted(r.first_token_at - r.submitted_at for r in reqs)
+    ttft = sorted(r.first_token_at - r.submitted_at for r in reqs if r.first_token_at is not None) or [float("nan")]
     print(f"\n{len(reqs)} requests ({len(served['pairs'])} questions x tenant and base model) in one batch: {tokens} "
           f"tokens in {served['seconds']:.1f} s = {tokens / served['seconds']:.1f} tok/s overall; time to first "
           f"token {ttft[0]:.2f}-{ttft[-1]:.2f} s (all prompts prefilled together)")
@@ -187,6 +198,10 @@ def print_scores(raw: list[dict[str, Any]], cached: bool, tenants: dict[str, Pat
     print("\nTask scores: accuracy on the first n test items of each tenant's task, tenant and base model on the "
           f"same items, through the runtime; [95% bootstrap interval]{' (cached)' if cached else ''}")
     print(score_table(rows))
+    by_metric: dict[str, list[str]] = {}
+    for r in rows:
+        by_metric.setdefault(r.metric, []).append(r.task)
+    print("  scored by " + "; ".join(f"{m} ({', '.join(t)})" for m, t in by_metric.items()))
     print(score_summary(rows))
     for r in raw:
         if r.get("constant_answers"):
@@ -243,7 +258,7 @@ def run(cache: Path | None, force: bool, per_tenant: int, max_new_tokens: int, i
     # Room for every served pair, and for a math task's items of tenant and base at once.
     rows = max([2 * per_tenant * len(tasks)] + [2 * SCORE_ITEMS[t] for t in tasks.values() if t in _math_tasks()])
     with Engine(built.out_dir, max_batch=rows, verify=False) as engine:
-        raw, cached = scores(built, engine, force or "export" in built.rebuilt, progress, say=_say)
+        raw, cached = scores(built, engine, force, progress, say=_say)
         _say(f"[5/5] serving: {per_tenant} question(s) per tenant, each asked of the tenant and of the base model, "
              "all in one batch ...")
         served = serve(engine, tasks, per_tenant, max_new_tokens)

@@ -79,3 +79,29 @@ def test_identical_results_are_called_identical():
     assert verdict(same) == "right on exactly the same items as the base model"
     none = ScoreRow("t", "task", "m", Score(0.0, 0.0, 0.0, 10), Score(0.0, 0.0, 0.0, 10), 0.0, 0.0, 0.0, same_items=True)
     assert verdict(none) == "neither gets any item right"
+
+
+def test_served_pairs_print_grid_answers_and_rates(capsys):
+    from types import SimpleNamespace
+
+    from milora import demo
+    from milora.train.data import Example
+
+    gates = np.zeros((30, 7), dtype=np.float32)
+    gates[:, 4] = 1.0  # every layer: the MLP gate projection
+
+    def req(text, tokens, gates=None, status="finished", first=1.0):
+        return SimpleNamespace(text=text, output_ids=list(range(tokens)), gates=gates, status=status, error=None,
+                               submitted_at=0.0, first_token_at=first, finished_at=None if first is None else 3.0)
+
+    ex = Example("Is the sky blue?\nAnswer yes or no.", "yes", ["no", "yes"], 1)
+    served = {"pairs": [("boolq", ex, req("yes", 1, gates), req("Yes, the sky is blue because ...", 21)),
+                        ("boolq", ex, req("", 0, None, "failed", None), req("No.", 3))], "seconds": 4.0}
+    demo.print_served(served, width=80)
+    out = capsys.readouterr().out
+    assert "=== tenant boolq (k=1 experts on per layer)" in out and "expected answer: yes" in out
+    assert "        g " + "#" * 30 in out and "        q " + "." * 30 in out
+    assert "yes" in out and "| Yes, the sky is blue because ..." in out
+    assert "base:   21 tokens, first after 1.00 s, then 10.0 tok/s" in out
+    assert "no token (failed)" in out and "(the request failed before its prefill)" in out
+    assert "4 requests (2 questions x tenant and base model) in one batch: 25 tokens in 4.0 s" in out
