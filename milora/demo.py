@@ -29,8 +29,8 @@ from milora.errors import MiloraError
 # Scoring: the first n test items of each tenant's task, the same items for tenant and base.
 # Sized to the time budget: a multiple-choice item costs a prefill per system; a math item a
 # greedy generation of up to MATH_MAX_NEW_TOKENS tokens (most reference solutions fit), and
-# its rows run to the limit when a model loops: 8 items for both systems cost about as much
-# as the 100 multiple-choice prefills.
+# its rows run to the limit when a model loops: 10 items for both systems took longer than
+# the 100 multiple-choice prompts together.
 SCORE_ITEMS = {"arc_e": 30, "boolq": 20, "gsm_symbolic": 8}
 MATH_MAX_NEW_TOKENS = 160
 SCORE_SETTINGS = {"items": SCORE_ITEMS, "math_max_new_tokens": MATH_MAX_NEW_TOKENS, "norm": "char", "chat": True,
