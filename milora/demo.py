@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="milora-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, help="cache directory (default $MILORA_CACHE or ~/.cache/milora)")
     p.add_argument("--per-tenant", type=int, default=1, help="questions served per tenant (default 1)")
-    # 64: room for the math tenant's worked answer to reach "The answer is N." on the shown question.
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per served answer (default 64)")
+    # 96: room for the math tenant's worked answer to reach "The answer is N." on the shown question.
+    p.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per served answer (default 96)")
     p.add_argument("--force", action="store_true",
                    help="train the tenants, export and score again even if cached (the base model is kept)")
     args = p.parse_args(argv)
