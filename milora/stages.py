@@ -73,8 +73,8 @@ def run_isolated(label: str, fn: Callable[..., Any], *args: Any, isolate: bool =
         try:
             return pool.submit(_child, fn, args, kwargs).result()
         except BrokenProcessPool:
-            raise StageError(f"the {label} stage's process ended abruptly (killed, or out of memory: it needs "
-                             "about 3 GB free); nothing of it was cached. Free some memory and run again") from None
+            raise StageError(f"the {label} stage's process ended abruptly (killed, or out of memory: the "
+                             "largest stage needs about 3.5 GB free); nothing of it was cached. Free some memory and run again") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
