@@ -15,13 +15,19 @@ NEAR_TIE = 1e-3  # fp32 logits of a 30-layer model differ by ~1e-4 between backe
 
 @pytest.fixture(scope="module")
 def demo():
-    from milora.demo import build
+    from milora.assets import cache_root
+    from milora.demo_build import build
 
-    out_dir = build()
-    from milora.assets import smollm2_dir
-    from milora.train.demo import demo_tenants
+    built = build(cache_root())  # milora-demo's stages 1-3, cached
+    return built.base, built.tenants, built.out_dir
 
-    return smollm2_dir(), demo_tenants(), out_dir
+
+def questions(per_tenant: int) -> list[tuple[str, str]]:
+    """(tenant, prompt) pairs from each demo tenant's own task test split."""
+    from milora.train.data import load_task
+    from milora.train.demo import DEMO_TENANTS
+
+    return [(t, ex.prompt) for t, spec in DEMO_TENANTS.items() for ex in load_task(spec.task, "test", limit=per_tenant)]
 
 
 def _reference(base_dir, adapter_dir):
@@ -36,7 +42,6 @@ def _reference(base_dir, adapter_dir):
 def test_greedy_tokens_equal_reference_in_one_mixed_batch(demo):
     import torch
 
-    from milora.demo import questions
     from milora.runtime import Engine, SamplingParams
 
     base_dir, tenants, out_dir = demo
