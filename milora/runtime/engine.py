@@ -212,7 +212,6 @@ class Engine:
         self._queue.append(req)
         return req
 
-    @_locked
     def _check_ids(self, prompt_ids) -> list[int]:
         """prompt_ids as a list of ints in [0, vocab_size), else RequestError (never fed to a graph:
         an out-of-range id would fail inside onnxruntime, a negative one would wrap silently)."""
@@ -228,6 +227,7 @@ class Engine:
                                f"expected ids in 0..{self.vocab_size - 1} (this export's vocab_size)")
         return ids
 
+    @_locked
     def cancel(self, req: Request) -> None:
         if req.done:
             return
