@@ -231,3 +231,19 @@ def test_export_without_adapters_is_the_plain_base_model(tmp_path):
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
         pad_token_id=0)[0, len(p):].tolist()
     assert Engine(tmp_path / "out").generate(None, prompt_ids=p, params=greedy()).output_ids == ref
+
+
+def test_token_times_and_update_callback(exported):
+    """on_update fires once per accepted token and once more when the request ends; the
+    per-token timestamps are monotonic, one per output token."""
+    _, out_dir = exported
+    seen = []
+    with Engine(out_dir, max_batch=2) as engine:
+        req = engine.submit("alpha", prompt_ids=[5, 6, 7], params=greedy(5),
+                            on_update=lambda r: seen.append((len(r.output_ids), r.done)))
+        other = engine.submit("beta", prompt_ids=[8, 9], params=greedy(3))
+        engine.run_until_done()
+    assert [n for n, _ in seen] == [1, 2, 3, 4, 5] and seen[-1][1] and not any(d for _, d in seen[:-1])
+    assert len(req.token_times) == 5 and req.token_times == sorted(req.token_times)
+    assert req.token_times[0] >= req.first_token_at
+    assert other.on_update is None and len(other.token_times) == 3

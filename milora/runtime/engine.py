@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -50,6 +50,11 @@ class Request:
     finished_at: float | None = None
     # with params.logprobs: per generated token, (log p(token), [(id, log p)] top alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each output token was accepted
+    # Called (under the engine lock, by whichever thread runs the step) after each new token
+    # and once when the request ends; it must be quick, must not raise and must not call the
+    # engine (a server uses it to wake the coroutine that streams this request).
+    on_update: Callable[["Request"], None] | None = None
     _sampler: Sampler | None = None
     _slot: int | None = None
     _streamed: int = 0
@@ -74,6 +79,14 @@ def _locked(method):
 
 
 DEFAULT_MAX_QUEUE = 4096
+
+
+def _notify(r: Request) -> None:
+    if r.on_update is not None:
+        try:
+            r.on_update(r)
+        except Exception:  # noqa: BLE001 - a client's callback must never stop the batch
+            r.on_update = None
 
 
 class Engine:
@@ -180,7 +193,8 @@ class Engine:
 
     @_locked
     def submit(self, tenant: str | None, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
-               prompt_ids: list[int] | None = None, params: SamplingParams | None = None) -> Request:
+               prompt_ids: list[int] | None = None, params: SamplingParams | None = None,
+               on_update: Callable[[Request], None] | None = None) -> Request:
         """Queue a request. Exactly one of prompt (raw text), messages (chat, templated) or
         prompt_ids. Each chat turn is a new prompt: routed and prefilled again. tenant None
         serves the bare base model (slot 0: no adapter, no router)."""
@@ -202,7 +216,7 @@ class Engine:
         if params is not None and not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         params = params or SamplingParams()
-        req = Request(next(self._ids), tenant, ids, params, _sampler=Sampler(params))
+        req = Request(next(self._ids), tenant, ids, params, _sampler=Sampler(params), on_update=on_update)
         if self.max_context and req.reservation > self.max_context:
             raise CapacityError(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
                                 f"the model's context of {self.max_context}; shorten the prompt or lower max_new_tokens")
@@ -241,6 +255,7 @@ class Engine:
             self._free(req)
         req.status, req.finish_reason = "cancelled", "cancelled"
         req.finished_at = time.perf_counter()
+        _notify(req)
 
     @property
     def idle(self) -> bool:
@@ -280,6 +295,7 @@ class Engine:
                     break  # a running request will release a slot
                 self._queue.popleft()
                 self._fail(req, exc)
+                _notify(req)
                 continue
             self._queue.popleft()
             self._kv_reserved += req.reservation
@@ -296,8 +312,9 @@ class Engine:
             if not finite[i]:
                 self._fail_numerics(r, "routing gates and logits of its prompt" if not np.isfinite(gates[i]).all()
                                     else "logits of its prompt")
-                continue
-            self._accept(r, logits[i])
+            else:
+                self._accept(r, logits[i])
+            _notify(r)
         self._rows.extend(reqs)
         self._kv = self.backend.merge(self._kv, kv)
         self._membership_changed()
@@ -312,6 +329,7 @@ class Engine:
                 self._accept(r, logits[i])
             else:
                 self._fail_numerics(r, f"logits at generated token {len(r.output_ids) + 1}")
+            _notify(r)
         self._drop_finished()
 
     def _accept(self, r: Request, logits: np.ndarray) -> None:
@@ -325,6 +343,7 @@ class Engine:
         if (tok in self.bundle.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(r, "eos" if tok in self.bundle.eos_token_ids else "stop")
         r.output_ids.append(tok)
+        r.token_times.append(time.perf_counter())
         before = len(r.text)
         r.text = self.bundle.decode(r.output_ids)
         if p.stop:
