@@ -26,11 +26,11 @@ import numpy as np
 
 from milora.errors import CapacityError, NumericalError, OverloadError, RequestError, TenantError
 from milora.runtime.bundle import Bundle
+from milora.runtime.detokenize import IncrementalDetokenizer
 from milora.runtime.ort_backend import BatchKV, OrtBackend
 from milora.runtime.sampling import Sampler, SamplingParams, find_stop, token_logprobs
 from milora.runtime.tenants import TenantRegistry
 
-_NO_IDS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -56,6 +56,9 @@ class Request:
     # engine (a server uses it to wake the coroutine that streams this request).
     on_update: Callable[["Request"], None] | None = None
     _sampler: Sampler | None = None
+    _detok: IncrementalDetokenizer | None = None
+    _end_ids: frozenset[int] = frozenset()  # token ids that end the request (EOS unless ignored, stop ids)
+    _seen: np.ndarray | None = None  # [V] bool, prompt and output ids: kept only for a repetition penalty
     _slot: int | None = None
     _streamed: int = 0
 
@@ -216,7 +219,13 @@ class Engine:
         if params is not None and not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         params = params or SamplingParams()
-        req = Request(next(self._ids), tenant, ids, params, _sampler=Sampler(params), on_update=on_update)
+        req = Request(next(self._ids), tenant, ids, params, _sampler=Sampler(params), on_update=on_update,
+                      _detok=IncrementalDetokenizer(self.bundle.tokenizer),
+                      _end_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                                   else frozenset(self.bundle.eos_token_ids)))
+        if params.repetition_penalty != 1.0:
+            req._seen = np.zeros(self.vocab_size, dtype=bool)
+            req._seen[ids] = True
         if self.max_context and req.reservation > self.max_context:
             raise CapacityError(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
                                 f"the model's context of {self.max_context}; shorten the prompt or lower max_new_tokens")
@@ -335,17 +344,21 @@ class Engine:
     def _accept(self, r: Request, logits: np.ndarray) -> None:
         """Sample one token for a request and apply its stop rules."""
         p = r.params
-        # Only the repetition penalty reads the history: don't rebuild it per step otherwise.
-        seen = np.asarray(r.prompt_ids + r.output_ids, dtype=np.int64) if p.repetition_penalty != 1.0 else _NO_IDS
-        tok = r._sampler(logits, seen)
+        if len(r.output_ids) < p.min_new_tokens and r._end_ids:
+            logits = logits.copy()
+            logits[list(r._end_ids)] = -np.inf  # too early to end: EOS and stop tokens are off
+        tok = r._sampler(logits, r._seen)
         if p.logprobs is not None:
             r.logprobs.append(token_logprobs(logits, tok, p.logprobs))
-        if (tok in self.bundle.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        if tok in r._end_ids:
             return self._finish(r, "eos" if tok in self.bundle.eos_token_ids else "stop")
         r.output_ids.append(tok)
         r.token_times.append(time.perf_counter())
+        if r._seen is not None:
+            r._seen[tok] = True
         before = len(r.text)
-        r.text = self.bundle.decode(r.output_ids)
+        r._detok.add(tok)
+        r.text = r._detok.text
         if p.stop:
             at = find_stop(r.text, p.stop, before)
             if at is not None:
@@ -355,6 +368,9 @@ class Engine:
             self._finish(r, "length")
 
     def _finish(self, r: Request, reason: str) -> None:
+        if reason != "stop":  # text held back for an unfinished character shows, as a full decode would
+            r._detok.finish()
+            r.text = r._detok.text
         r.status, r.finish_reason, r.finished_at = "finished", reason, time.perf_counter()
 
     def _drop_finished(self) -> None:
