@@ -20,6 +20,9 @@ ACTIVATION_POSITIONS = ("post_pool", "pre_pool")
 GATE_MODES = ("paper", "renormalized")
 LB_LOSSES = ("switch", "cv2", "none")
 RATIONAL_INITS = ("gelu", "relu")
+# Every key of the JSON form (adapter format v1); a reader refuses any other.
+JSON_KEYS = ("format_version", "rank", "alpha", "top_k", "experts", "routed", "pooler", "activation",
+             "activation_position", "gate_mode", "lb_loss", "lb_coef", "noisy_gating", "dropout", "notes", "base")
 
 
 def _is_int(value: Any) -> bool:
@@ -76,8 +79,8 @@ class MiloraConfig:
         n = len(self.target_modules)
         if not _is_int(self.top_k) or not 1 <= self.top_k <= n:
             raise ConfigError(
-                f"top_k={self.top_k!r} is out of range; expected an integer in 1..{n} "
-                f"(the number of target modules)"
+                f"top_k={self.top_k!r} is out of range; expected an integer in 1..{n} (the number of target "
+                f"modules, {', '.join(self.target_modules)}). Fix: set top_k between 1 and {n}"
             )
         for name in ("routed", "noisy_gating"):
             if not isinstance(getattr(self, name), bool):
@@ -94,7 +97,8 @@ class MiloraConfig:
 
     def _check_numbers(self) -> None:
         if not _is_int(self.rank) or self.rank < 1:
-            raise ConfigError(f"rank={self.rank!r}; expected a positive integer (the LoRA rank r)")
+            raise ConfigError(f"rank={self.rank!r}; expected a positive integer (the LoRA rank r). Fix: set rank >= 1, "
+                              "e.g. 8")
         if not _is_number(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"alpha={self.alpha!r}; expected a positive finite number (scale = alpha / rank)")
         self.alpha = float(self.alpha)
@@ -178,24 +182,43 @@ class MiloraConfig:
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> "MiloraConfig":
-        """Inverse of to_json_dict (the 'base' entry is returned separately by the loader)."""
+        """Inverse of to_json_dict (the 'base' entry is returned separately by the loader).
+        Keys this version does not read are refused by name, never silently ignored."""
         version = data.get("format_version")
         if version != ADAPTER_FORMAT_VERSION:
             raise ConfigError(
                 f"adapter format_version={version!r} is not supported; this milora reads version "
                 f"{ADAPTER_FORMAT_VERSION}. Re-save the adapter with a matching milora."
             )
+        unknown = sorted(set(data) - set(JSON_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"adapter config has keys this milora does not read: {unknown}; expected only {list(JSON_KEYS)}. "
+                "Fix: remove them (free-form provenance belongs in 'notes')"
+            )
         missing = [k for k in ("rank", "alpha", "top_k", "experts", "pooler", "activation") if k not in data]
         if missing:
-            raise ConfigError(f"adapter config lacks required keys {missing}")
+            raise ConfigError(f"adapter config lacks required keys {missing}. Fix: re-save the adapter with milora")
         act = data["activation"]
         if not isinstance(act, dict) or "type" not in act:
-            raise ConfigError(f"'activation' must be an object with a 'type', got {act!r}")
+            raise ConfigError(f"'activation' must be an object with a 'type', got {act!r}; expected e.g. "
+                              '{"type": "rational", "degrees": [5, 4], "init": "gelu"} or {"type": "gelu"}')
+        read = ("type", "degrees", "init") if act["type"] == "rational" else ("type",)
+        ignored = sorted(set(act) - set(read))
+        if ignored:
+            raise ConfigError(
+                f"'activation' has keys {ignored} that are not read for type {act['type']!r} (degrees and init "
+                f"belong to the rational activation only); expected only {list(read)}. Fix: remove them, or set "
+                "type 'rational' if the adapter was trained with one"
+            )
+        experts = data["experts"]
+        if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
+            raise ConfigError(f"'experts' is {experts!r}; expected a list of module names from {', '.join(EXPERTS)}")
         kwargs: dict[str, Any] = dict(
             rank=data["rank"],
             alpha=data["alpha"],
             top_k=data["top_k"],
-            target_modules=tuple(data["experts"]),
+            target_modules=tuple(experts),
             routed=data.get("routed", True),
             pooler=data["pooler"],
             activation=act["type"],
@@ -208,7 +231,7 @@ class MiloraConfig:
             notes=data.get("notes", {}),
         )
         if act["type"] == "rational":
-            kwargs["rational_degrees"] = tuple(act.get("degrees", (5, 4)))
+            kwargs["rational_degrees"] = act.get("degrees", (5, 4))
             kwargs["rational_init"] = act.get("init", "gelu")
         return cls(**kwargs)
 
