@@ -198,14 +198,15 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
     prefix = f".{out_dir.name}{PARTIAL_MARK}"
     for p in out_dir.parent.iterdir():
         pid = p.name[len(prefix):]
-        if p.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if p.name.startswith(prefix) and pid.isascii() and pid.isdigit() and int(pid) != os.getpid() \
+                and not _pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 
 
 _WRITE_FIXES = {errno.ENOSPC: "free space on that file system or choose an OUT_DIR on another one",
-                errno.EDQUOT: "free space within your quota or choose an OUT_DIR on another file system",
+                getattr(errno, "EDQUOT", -1): "free space within your quota or choose an OUT_DIR on another file system",
                 errno.EACCES: "choose an OUT_DIR in a directory you can write to",
                 errno.EPERM: "choose an OUT_DIR in a directory you can write to",
                 errno.EROFS: "choose an OUT_DIR on a writable file system"}
@@ -241,7 +242,8 @@ def torch_threads(n: int | None):
 def _steps(opts: ExportOptions, total: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="milora-export", unit="step", disable=not opts.progress, leave=False)
+    # disable=None: no bar when stderr is not a terminal (a log or a pipe keeps one line per error).
+    return tqdm(total=total, desc="milora-export", unit="step", disable=None if opts.progress else True, leave=False)
 
 
 def _export_into(model_dir: Path, tmp: Path, found: dict[str, Path], opts: ExportOptions, bar) -> dict[str, Any]:
