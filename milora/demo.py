@@ -11,12 +11,12 @@ Everything is cached under $MILORA_CACHE (default ~/.cache/milora); a second run
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+from milora.cli_errors import ArgumentParser, cli_main, positive
 from milora.errors import MiloraError
 
 DEMO_EXPORT = "demo-export"
@@ -105,19 +105,21 @@ def _experts(req) -> str:
     return ", ".join(EXPERTS[i] for i, g in enumerate(req.gates[0]) if g != 0)
 
 
+@cli_main("milora-demo")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="milora-demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="milora-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, help="cache directory (default $MILORA_CACHE or ~/.cache/milora)")
     p.add_argument("--per-tenant", type=int, default=2, help="questions per tenant (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--force", action="store_true", help="export again even if a matching export is cached")
     args = p.parse_args(argv)
-    try:
-        out_dir = build(args.cache, args.force)
-        serve(out_dir, args.per_tenant, args.max_new_tokens)
-    except MiloraError as exc:
-        print(f"milora-demo: error: {exc}", file=sys.stderr)
-        return 2
+    positive("--per-tenant", args.per_tenant)
+    positive("--max-new-tokens", args.max_new_tokens)
+    from milora.assets import check_cache
+
+    check_cache(args.cache)
+    out_dir = build(args.cache, args.force)
+    serve(out_dir, args.per_tenant, args.max_new_tokens)
     return 0
 
 

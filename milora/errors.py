@@ -83,3 +83,31 @@ class OverloadError(MiloraError):
 class NumericalError(MiloraError):
     """A request's own computation produced NaN or inf (its tenant's adapter or its input is
     corrupt). Only that request fails; every other row of the batch is unaffected."""
+
+
+class NonFiniteError(AdapterFormatError):
+    """An adapter or slot pack holds NaN or infinite values (LoRA A/B, router weights, pooler,
+    activation coefficients, noise weights). `problems` lists (tensor, NaN, +inf, -inf, size)."""
+
+    def __init__(self, message: str, problems: list[tuple[str, int, int, int, int]] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class UsageError(MiloraError):
+    """A command line is missing an argument, holds an unknown flag, a contradiction or a bad value."""
+
+
+class WriteError(MiloraError):
+    """An output could not be written (read-only location, full disk, ...); nothing half-written
+    was left behind."""
+
+
+class SlotLoadError(TenantError):
+    """A registered tenant's pack or adapter could not be loaded into a slot (changed on disk since
+    it was added: corrupt, non-finite, ...). Only that tenant's requests fail; `cause` holds the
+    underlying error (e.g. a NonFiniteError)."""
+
+    def __init__(self, message: str, cause: MiloraError | None = None):
+        super().__init__(message)
+        self.cause = cause

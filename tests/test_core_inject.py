@@ -101,7 +101,7 @@ def merged_base(builder, model, routing, row: int = 0):
 def test_lora_update_equals_merged_weight(builder, options):
     # RoPE rotates q and k by a position-dependent angle: an update added after the rotation
     # would not equal one merged into the q_proj/k_proj weights; an update that is part of
-    # the projection (MILORA.md) does.
+    # the projection (docs/method.md, "Experts") does.
     model = tenant(3, builder=builder, **options)
     ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

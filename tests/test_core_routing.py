@@ -1,4 +1,4 @@
-"""Route once per prompt: prefill routes, decode reuses (docs/MILORA.md, DESIGN.md contract).
+"""Route once per prompt: prefill routes, decode reuses (docs/method.md, "Route once per prompt").
 
 Routers are counted with forward hooks on every MiloraRouter. Tenants have non-zero LoRA B
 and a seed-specific router (helpers.tenant), so wrong routing shows in tokens and logits.

@@ -2,7 +2,7 @@
 import safely and route and compute as the reference code prescribes.
 
 The classes below are this test's own small implementation of the reference semantics
-(docs/MILORA.md), registered under the reference's module paths so that torch.save writes
+(docs/method.md, docs/importing.md), registered under the reference's module paths so that torch.save writes
 the same global names as the reference code does. The expected logits come from running
 them, hooked onto an unmodified copy of the base model, per row on the prompt tokens.
 """

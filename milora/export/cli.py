@@ -7,14 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from milora.errors import MiloraError
+from milora.cli_errors import ArgumentParser, cli_main
+from milora.errors import UsageError
 from milora.export.lowering import DEFAULT_LOWERING, LOWERINGS
-
-EXIT_USER_ERROR = 2
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="milora-export",
         description="Export a base model and its MiLoRA / PEFT / reference-code adapters to prefill + decode "
                     "ONNX graphs with multi-tenant adapter banks, validated against PyTorch.")
@@ -52,35 +51,44 @@ def _adapters(items: list[str]) -> dict[str, Path]:
     for item in items:
         name, sep, d = item.partition("=")
         if not sep or not name or not d:
-            raise MiloraError(f"--adapter {item!r} is malformed; expected NAME=DIR, e.g. --adapter acme=./acme")
+            raise UsageError(f"--adapter {item!r} is malformed; expected NAME=DIR. Fix: e.g. --adapter acme=./acme")
+        if name in out:
+            raise UsageError(f"--adapter {name}=... is given twice ({out[name]} and {d}); expected each tenant name "
+                             "once. Fix: give the second adapter another name")
         out[name] = Path(d)
     return out
 
 
+@cli_main("milora-export")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        from milora.export.exporter import ExportOptions, check, export
+    from milora.export.exporter import ExportOptions, check, export
 
-        if args.check is not None:
-            result = check(args.check, validate=args.validate, python_op=args.python_op,
-                           decode_steps=args.decode_steps, threads=args.torch_threads)
-            print(json.dumps(result, indent=2))
-            return 0
-        if args.model_dir is None or args.out_dir is None:
-            raise MiloraError("MODEL_DIR and OUT_DIR are required (or --check OUT_DIR)")
-        opts = ExportOptions(dtype=args.dtype, opset=args.opset, slots=args.slots, lora_lowering=args.lora_lowering,
-                             target=args.target, validate=args.validate, force=args.force,
-                             decode_steps=args.decode_steps, python_op=args.python_op, progress=not args.quiet,
-                             prefill_logits=args.prefill_logits,
-                             torch_threads=args.torch_threads)
-        manifest = export(args.model_dir, args.out_dir, _adapters(args.adapter), opts)
-        print(f"exported {len(manifest['tenants'])} tenant(s) to {args.out_dir} in {manifest['export_seconds']} s; "
-              f"validation: {json.dumps(manifest['validation'])}")
+    if args.check is not None:
+        extra = [f for f, given in (("MODEL_DIR", args.model_dir), ("OUT_DIR", args.out_dir),
+                                    ("--adapter", args.adapter), ("--force", args.force)) if given]
+        if extra:
+            raise UsageError(f"--check OUT_DIR verifies an existing export and takes no {', '.join(extra)}; "
+                             f"expected either --check OUT_DIR or MODEL_DIR OUT_DIR. Fix: run the export and the "
+                             "check as two commands")
+        result = check(args.check, validate=args.validate, python_op=args.python_op,
+                       decode_steps=args.decode_steps, threads=args.torch_threads)
+        print(json.dumps(result, indent=2))
         return 0
-    except MiloraError as exc:
-        print(f"milora-export: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    if args.model_dir is None or args.out_dir is None:
+        missing = "MODEL_DIR and OUT_DIR are" if args.model_dir is None else "OUT_DIR is"
+        raise UsageError(f"{missing} missing; expected milora-export MODEL_DIR OUT_DIR [options], or "
+                         "milora-export --check OUT_DIR. Fix: e.g. milora-export ./my-model ./out")
+    adapters = _adapters(args.adapter)
+    opts = ExportOptions(dtype=args.dtype, opset=args.opset, slots=args.slots, lora_lowering=args.lora_lowering,
+                         target=args.target, validate=args.validate, force=args.force,
+                         decode_steps=args.decode_steps, python_op=args.python_op, progress=not args.quiet,
+                         prefill_logits=args.prefill_logits,
+                         torch_threads=args.torch_threads)
+    manifest = export(args.model_dir, args.out_dir, adapters, opts)
+    print(f"exported {len(manifest['tenants'])} tenant(s) to {args.out_dir} in {manifest['export_seconds']} s; "
+          f"validation: {json.dumps(manifest['validation'])}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -190,23 +190,104 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
+    """manifest.json of an exported directory, checked against the schema below (types, ranges,
+    relative paths inside root): ManifestError naming the first problem, never another error."""
     path = Path(root) / MANIFEST_FILE
     if not path.is_file():
         raise ManifestError(f"{root} holds no {MANIFEST_FILE}; expected a directory written by milora-export")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); the file is corrupt: export again") from None
+    except RecursionError:
+        raise ManifestError(f"{path} is nested too deeply to be a manifest; the file is corrupt: export again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{path} is not a milora-export manifest (format={manifest.get('format')!r} "
-                            f"if a dict), expected format {MANIFEST_FORMAT!r}")
+        seen = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        raise ManifestError(f"{path} is not a milora-export manifest (format={seen!r}), expected format "
+                            f"{MANIFEST_FORMAT!r}: export again")
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise ManifestError(f"{path}: format_version={manifest.get('format_version')!r}, this milora reads "
                             f"{MANIFEST_VERSION}; export again with this version")
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise ManifestError(f"{path} lacks keys {missing}; the file is corrupt: export again")
+    problem = _schema_problem(manifest)
+    if problem:
+        raise ManifestError(f"{path}: {problem}; the file is corrupt or was edited: export again")
     return manifest
+
+
+_DTYPES = ("float32", "float16", "int64")
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_relative(v: Any) -> bool:
+    """A relative POSIX path that stays inside the export directory."""
+    return isinstance(v, str) and bool(v) and not v.startswith(("/", "\\")) and ":" not in v \
+        and ".." not in v.replace("\\", "/").split("/")
+
+
+def _schema_problem(m: dict[str, Any]) -> str | None:
+    """The first way m departs from what milora-export writes (and the runtime reads), or None."""
+    base = m["base"]
+    if not isinstance(base, dict) or any(not _is_int(base.get(k), 1) for k in
+                                         ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                          "intermediate_size", "vocab_size")):
+        return f"'base' must map the base model's dimensions to positive integers, got {str(base)[:200]}"
+    if base.get("max_position_embeddings") is not None and not _is_int(base["max_position_embeddings"], 1):
+        return f"base.max_position_embeddings={base['max_position_embeddings']!r}; expected a positive integer"
+    if m["dtype"] not in ("float32", "float16"):
+        return f"dtype={m['dtype']!r}; expected float32 or float16"
+    if not _is_int(m["slots"], 1) or not _is_int(m["max_rank"], 1):
+        return f"slots={m['slots']!r}, max_rank={m['max_rank']!r}; expected positive integers"
+    if not isinstance(m["experts"], list) or not all(isinstance(e, str) for e in m["experts"]):
+        return f"experts={m['experts']!r}; expected a list of module names"
+    graphs = m["graphs"]
+    if not isinstance(graphs, dict) or not all(isinstance(graphs.get(g), dict) for g in ("prefill", "decode")):
+        return "'graphs' must hold 'prefill' and 'decode' objects"
+    for g in ("prefill", "decode"):
+        spec = graphs[g]
+        if not _is_relative(spec.get("file")) or not _is_relative(spec.get("data_file")):
+            return f"graphs.{g}: file / data_file must be relative paths inside the directory"
+        for side in ("inputs", "outputs"):
+            io = spec.get(side)
+            if not isinstance(io, list) or not all(
+                    isinstance(x, dict) and isinstance(x.get("name"), str) and x.get("dtype") in _DTYPES
+                    and isinstance(x.get("shape"), list)
+                    and all(_is_int(d) or isinstance(d, str) for d in x["shape"]) for x in io):
+                return f"graphs.{g}.{side} must be a list of {{name, shape, dtype}} objects"
+        table = spec.get("external_initializers")
+        if table is not None and (not isinstance(table, dict) or not all(
+                isinstance(t, dict) and _is_int(t.get("offset")) and _is_int(t.get("length"))
+                and t.get("dtype") in _DTYPES and isinstance(t.get("shape"), list)
+                and all(_is_int(d) for d in t["shape"]) for t in table.values())):
+            return f"graphs.{g}.external_initializers must map names to {{offset, length, dtype, shape}}"
+    banks = m["banks"]
+    if not isinstance(banks, dict) or not all(
+            isinstance(b, dict) and b.get("dtype") in _DTYPES and isinstance(b.get("shape"), list)
+            and all(_is_int(d, 1) for d in b["shape"]) for b in banks.values()):
+        return "'banks' must map bank names to {shape: [positive ints], dtype}"
+    tenants = m["tenants"]
+    if not isinstance(tenants, dict):
+        return "'tenants' must be an object"
+    for name, info in tenants.items():
+        if not isinstance(info, dict) or not _is_int(info.get("slot"), 1) or info["slot"] >= m["slots"]:
+            return (f"tenant {name!r}: slot {info.get('slot') if isinstance(info, dict) else None!r} is not one of "
+                    f"the adapter slots 1..{m['slots'] - 1}")
+        if not _is_relative(info.get("pack")):
+            return f"tenant {name!r}: pack {info.get('pack')!r} must be a relative path inside the directory"
+    files = m["files"]
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return "'files' must map relative paths to sha256 strings"
+    source = m["source"]
+    if not isinstance(source, dict) or not isinstance(source.get("model_dir"), str) \
+            or not isinstance(source.get("adapters"), dict) \
+            or not all(isinstance(v, str) for v in source["adapters"].values()):
+        return "'source' must hold model_dir and adapters (paths)"
+    return None
 
 
 def verify_files(root: str | Path, manifest: dict[str, Any]) -> None:

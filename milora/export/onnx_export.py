@@ -4,8 +4,8 @@ then lowering the routed LoRA nodes and saving both with ONE external data file
 (manifest.WEIGHTS_FILE): the graphs share the base weights, so disk and a runtime that maps
 the file hold them once.
 
-Example sizes are >= 2 for batch, sequence and past (docs/TOOLING.md: size 0 and 1
-specialise under torch.export; the tracer is kept to the same habit).
+Example sizes are >= 2 for batch, sequence and past (sizes 0 and 1 specialise under
+torch.export, which would fix those axes; the tracer is kept to the same habit).
 """
 
 from __future__ import annotations

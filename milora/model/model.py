@@ -168,7 +168,7 @@ class MiloraModel(nn.Module):
 
         Refused: chunked prefill (prefill_chunk_size) and a past KV cache without `routing`:
         both would route on part of the prompt only, and every prompt token's KV depends on
-        routing computed from the whole prompt (docs/MILORA.md)."""
+        routing computed from the whole prompt (docs/method.md)."""
         gen_config = generate_kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
         chunk = generate_kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None))
         if chunk:

@@ -1,5 +1,5 @@
 """The MiLoRA router: pool the prompt's hidden states, activate, project to expert logits,
-pick the top-k experts and their gates (docs/MILORA.md, "Forward pass").
+pick the top-k experts and their gates (docs/method.md, "The router").
 
 Shape legend: B batch rows, T tokens, d hidden size, E experts of this adapter (<= 7),
 k experts switched on per layer.
@@ -175,7 +175,7 @@ class MiloraRouter(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.half() / model.to(torch.bfloat16) must not demote the router: it runs in float32
-        # whatever the model's dtype (docs/MILORA.md, "Numerics"). Device moves still apply.
+        # whatever the model's dtype (docs/method.md, "The router"). Device moves still apply.
         super()._apply(fn, recurse)
         for p in self.parameters(recurse=False):
             if p.dtype != torch.float32:

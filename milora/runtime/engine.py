@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from milora.errors import CapacityError, NumericalError, OverloadError, RequestError, TenantError
+from milora.errors import CapacityError, MiloraError, NumericalError, OverloadError, RequestError, TenantError
 from milora.runtime.bundle import Bundle
 from milora.runtime.detokenize import IncrementalDetokenizer
 from milora.runtime.ort_backend import BatchKV, OrtBackend
@@ -145,13 +145,19 @@ class Engine:
     @_locked
     def add_tenant(self, name: str, source: str | Path, pin: bool = False) -> None:
         """Register a tenant from a slot pack (.safetensors written by milora-export) or a MiLoRA /
-        format-v1 adapter directory (converted here: no re-export)."""
+        format-v1 adapter directory (converted here: no re-export). Either is read and checked
+        now (shapes, base, finite values: NonFiniteError names the tensors); the pack is built or
+        read again when a slot needs it."""
         path = Path(source)
         if not path.exists():
             raise TenantError(f"adapter source {path} does not exist")
         kind = "adapter" if path.is_dir() else "pack"
         if kind == "adapter":
-            self._read_checked_adapter(path)  # validate now; the pack is built when a slot needs it
+            self._read_checked_adapter(path, name)  # validate now; the pack is built when a slot needs it
+        else:
+            from milora.export.banks import load_pack
+
+            load_pack(path, self.bundle.manifest, where=f"tenant {name!r}")
         self.tenants.add(name, (kind, path), pin=pin)
 
     @_locked
@@ -166,12 +172,16 @@ class Engine:
     def unpin(self, name: str) -> None:
         self.tenants.unpin(name)
 
-    def _read_checked_adapter(self, path: Path):
+    def _read_checked_adapter(self, path: Path, name: str | None = None):
         """(config, tensors) of an adapter directory that fits this export's base and banks."""
         from milora.adapter_format import check_base, read_adapter
+        from milora.errors import NonFiniteError
 
         m = self.bundle.manifest
-        config, base, tensors = read_adapter(path)
+        try:
+            config, base, tensors = read_adapter(path)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"tenant {name!r}: {exc}" if name else str(exc), exc.problems) from None
         check_base(base, m["base"], f"adapter {path}")
         if config.rank > m["max_rank"]:
             raise TenantError(f"adapter {path} has rank {config.rank} but this export's banks hold rank "
@@ -186,10 +196,15 @@ class Engine:
         return build_pack(config, tensors, m["base"], m["max_rank"], m["dtype"])
 
     def _load_slot(self, slot: int, name: str, source: tuple[str, Path]) -> None:
+        from milora.errors import SlotLoadError
         from milora.export.banks import load_pack
 
         kind, path = source
-        pack = self._adapter_pack(path) if kind == "adapter" else load_pack(path, self.bundle.manifest)
+        try:
+            pack = self._adapter_pack(path) if kind == "adapter" else load_pack(path, self.bundle.manifest)
+        except MiloraError as exc:
+            # A TenantError: only this tenant's requests fail, the others keep being served.
+            raise SlotLoadError(f"tenant {name!r} cannot be loaded into slot {slot}: {exc}", cause=exc) from exc
         self.backend.write_slot(slot, pack)
 
     # ---- requests ----

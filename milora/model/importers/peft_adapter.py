@@ -24,6 +24,7 @@ from torch import Tensor
 from milora.adapter_format import module_dims
 from milora.contract import EXPERT_PARENT, EXPERTS
 from milora.errors import BaseMismatchError, ImportError_
+from milora.finite import check_finite
 from milora.model.config import MiloraConfig
 from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
 
@@ -115,8 +116,9 @@ def _read_tensors(peft_dir: Path) -> dict[str, Tensor]:
         raise ImportError_(f"{peft_dir}: {PEFT_WEIGHTS_FILE} is missing")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ImportError_(f"{path} cannot be read as safetensors ({exc}); the file is corrupt") from None
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ImportError_(f"{path} cannot be read as safetensors ({exc}); the file is corrupt. Fix: copy the "
+                           "adapter again, or re-save it with peft's save_pretrained") from None
 
 
 def pattern_value(patterns: dict[str, Any], module_key: str, default: Any) -> Any:
@@ -188,7 +190,10 @@ def import_peft_adapter(base_model_or_dims: Any, peft_dir: str | Path) -> Import
     base = resolve_base(base_model_or_dims)
     cfg = read_peft_config(peft_dir)
     check_peft_config(cfg, peft_dir / PEFT_CONFIG_FILE)
-    groups = _group_tensors(_read_tensors(peft_dir), peft_dir / PEFT_WEIGHTS_FILE)
+    raw = _read_tensors(peft_dir)
+    check_finite(raw, f"PEFT adapter {peft_dir / PEFT_WEIGHTS_FILE}",
+                 fix="retrain the adapter (or take an earlier checkpoint) from a run whose loss stayed finite")
+    groups = _group_tensors(raw, peft_dir / PEFT_WEIGHTS_FILE)
     _check_fits_base(groups, base, peft_dir)
     pairs: dict[tuple[int, str], LoraPair] = {}
     for (layer, m), g in groups.items():

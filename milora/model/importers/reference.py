@@ -1,7 +1,7 @@
 """Import a checkpoint of the reference code (github qgyd2021/MiLoRA): lora_modules.bin and
 lora_gatings.bin, whole pickled modules read safely (safe_pickle), mapped onto MiLoRA.
 
-Reference semantics (docs/MILORA.md, "Reference-code checkpoint format"), per layer l:
+Reference semantics (docs/method.md; docs/importing.md, "Reference-code checkpoints"), per layer l:
     modules[7 l + j], j = q, k, v, o, gate, up, down:  update = (alpha / r) * module_b(module_a(x))
         module_a.weight [r, d_in], module_b.weight [d_out, r]   (same layout as our lora_A / lora_B)
     gatings[l] on H_l, the hidden states entering layer l, prompt tokens only:
@@ -25,6 +25,7 @@ from torch import Tensor
 from milora.adapter_format import module_dims
 from milora.contract import EXPERTS, NUM_EXPERTS, router_tensor_name
 from milora.errors import BaseMismatchError, ConfigError, ImportError_
+from milora.finite import check_finite
 from milora.model.config import MiloraConfig
 from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
 from milora.model.importers.safe_pickle import GlobalRef, PickledModule, load_pickled_modules
@@ -34,6 +35,10 @@ MODULES_FILE = "lora_modules.bin"
 GATINGS_FILE = "lora_gatings.bin"
 _POOLERS = {"SelfAttnPooler": "attention", "LastPooler": "last", "AdaptiveAvgPool1d": "mean"}
 _ACTIVATIONS = {"GELU": "gelu", "ReLU": "relu", "Rational": "rational", "Identity": "identity"}
+# format-v1 router tensor -> its name in lora_gatings.bin (for messages), {} = the layer index.
+_CHECKPOINT_NAMES = {"weight": "[{}].lora_gate.w_gate", "noise_weight": "[{}].lora_gate.w_noise",
+                     "pooler": "[{}].pooler.attn_vector.weight", "act_num": "[{}].intermediate_act_fn.numerator",
+                     "act_den": "[{}].intermediate_act_fn.denominator"}
 
 
 def _child(module: PickledModule, name: str, kind: str, where: str) -> PickledModule:
@@ -158,9 +163,24 @@ def _nearest_init(num: Tensor, den: Tensor) -> str:
 
 def _the_same(values: list[Any], what: str, path: Path) -> Any:
     if any(v != values[0] for v in values):
-        raise ImportError_(f"{path}: layers differ in {what} ({sorted(set(map(str, values)))}); a MiLoRA adapter has "
-                           "one value for every layer")
+        groups: dict[str, list[int]] = {}
+        for layer, v in enumerate(values):
+            groups.setdefault(str(v), []).append(layer)
+        seen = "; ".join(f"{v} in layers {_ranges(layers)}" for v, layers in groups.items())
+        raise ImportError_(f"{path}: layers differ in {what} ({seen}); expected one {what} for every layer (the MiLoRA "
+                           f"adapter format has one per adapter). Fix: retrain the checkpoint with the same {what} "
+                           "in every layer")
     return values[0]
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(out)
 
 
 def _router(gatings: list[PickledModule], d: int, path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -191,6 +211,9 @@ def _router(gatings: list[PickledModule], d: int, path: Path) -> tuple[dict[str,
         noisy.append(bool(gate.attrs.get("noisy_gating", False)) and noise is not None)
     options = {"pooler": _the_same(poolers, "pooler type", path), "activation": _the_same(acts, "activation", path),
                "stored_k": _the_same(ks, "top-k", path), "noisy_gating": _the_same(noisy, "noisy gating", path)}
+    # Every router tensor the checkpoint holds, noise weights included even when unused.
+    check_finite({_CHECKPOINT_NAMES[k.rsplit(".", 1)[1]].format(k.split(".")[1]): v for k, v in tensors.items()},
+                 f"reference-code checkpoint {path}")
     if not options["noisy_gating"]:
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".noise_weight")}
     if options["activation"] == "rational":
@@ -219,6 +242,12 @@ def import_reference_checkpoint(base_model_or_dims: Any, checkpoint_dir: str | P
                            f"(expected {MODULES_FILE} and {GATINGS_FILE})")
     modules, gatings = (load_pickled_modules(p) for p in paths)
     pairs = _lora_pairs(modules, base, alpha, paths[0])
+    named = {}
+    for (l, m), pair in pairs.items():
+        i = NUM_EXPERTS * l + EXPERTS.index(m)
+        named[f"[{i}].module_a.weight (layer {l} {m})"] = pair.a
+        named[f"[{i}].module_b.weight (layer {l} {m})"] = pair.b
+    check_finite(named, f"reference-code checkpoint {paths[0]}")
     gates = _module_list(gatings, base["num_layers"], "LoRAGateWithPooling", paths[1], "one gate per layer")
     options, router_tensors = _router(gates, base["hidden_size"], paths[1])
     rank, lora_alpha, folded, tensors = pack_lora(pairs, base["num_layers"], module_dims(base))
