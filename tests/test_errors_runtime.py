@@ -88,7 +88,7 @@ def test_tenant_slot_out_of_range_is_refused_before_onnxruntime(engine, slot, mo
         engine.backend.prefill([[5, 6]], [slot])
     kv = engine.backend.empty_kv()
     with pytest.raises(RequestError, match="out of range"):
-        engine.backend.decode(np.array([5]), kv, np.array([slot]), np.zeros((1, 2, 7), np.float32))
+        engine.backend.decode(np.array([5]), kv, engine.backend.bind_rows(np.array([slot]), np.zeros((1, 2, 7), np.float32)))
     monkeypatch.undo()
     still_serving(engine)
 

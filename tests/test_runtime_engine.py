@@ -247,3 +247,34 @@ def test_token_times_and_update_callback(exported):
     assert len(req.token_times) == 5 and req.token_times == sorted(req.token_times)
     assert req.token_times[0] >= req.first_token_at
     assert other.on_update is None and len(other.token_times) == 3
+
+
+def test_engine_takes_a_backend_it_does_not_build(exported):
+    """Engine receives its backend (an instance or a factory of the opened Bundle) and drives
+    it only through the Backend interface: a recording wrapper sees prefill, bind_rows once
+    per membership change, decode per step, and close."""
+    from milora.runtime.ort_backend import OrtBackend
+
+    _, out_dir = exported
+    calls = []
+
+    class Recording:
+        def __init__(self, bundle):
+            self.inner = OrtBackend(bundle.root, bundle.manifest)
+            self.slots, self.num_layers = self.inner.slots, self.inner.num_layers
+
+    def delegate(name):
+        def method(self, *args, **kwargs):
+            calls.append(name)
+            return getattr(self.inner, name)(*args, **kwargs)
+        return method
+
+    for name in ("write_slot", "clear_slot", "check_slots", "prefill", "bind_rows", "decode", "extend",
+                 "empty_kv", "merge", "keep_rows", "repeat_rows", "close"):
+        setattr(Recording, name, delegate(name))
+    with Engine(out_dir, backend=Recording) as engine:
+        engine.generate("alpha", prompt_ids=[5, 6, 7], params=greedy(3))
+    assert calls.count("prefill") == 1 and calls.count("decode") == 2 and calls[-1] == "close"
+    assert calls.count("bind_rows") == 3  # empty batch, the row joins, the row leaves
+    with pytest.raises(Exception, match="does not implement"):
+        Engine(out_dir, backend=object())

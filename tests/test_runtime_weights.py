@@ -51,7 +51,7 @@ def test_shared_weights_give_the_plain_sessions_outputs(exported):
     got = [b.prefill(prompts, [0, 0]) for b in (shared_backend, plain_backend)]
     np.testing.assert_allclose(got[0][0], got[1][0], atol=1e-5)  # packed and unpacked GEMMs round differently
     ids = got[0][0].argmax(-1)
-    steps = [b.decode(ids, kv, np.zeros(2, np.int64), gates) for b, (_, gates, kv) in
+    steps = [b.decode(ids, kv, b.bind_rows(np.zeros(2, np.int64), gates)) for b, (_, gates, kv) in
              zip((shared_backend, plain_backend), got)]
     np.testing.assert_allclose(steps[0], steps[1], atol=1e-5)
 

@@ -27,7 +27,8 @@ import numpy as np
 from milora.errors import CapacityError, MiloraError, NumericalError, OverloadError, RequestError, TenantError
 from milora.runtime.bundle import Bundle
 from milora.runtime.detokenize import IncrementalDetokenizer
-from milora.runtime.ort_backend import BatchKV, OrtBackend
+from milora.runtime.backend import Backend, KVState
+from milora.runtime.ort_backend import OrtBackend
 from milora.runtime.sampling import Sampler, SamplingParams, find_stop, token_logprobs
 from milora.runtime.tenants import TenantRegistry
 
@@ -95,9 +96,12 @@ def _notify(r: Request) -> None:
 class Engine:
     def __init__(self, out_dir: str | Path, providers: Sequence[str] | None = None, max_batch: int = 8,
                  kv_budget_tokens: int | None = None, threads: int | None = None, verify: bool = True,
-                 share_weights: bool = False, max_queue: int = DEFAULT_MAX_QUEUE):
-        """share_weights: map the export's one weights file once for both graphs (about 40% less
-        memory, for small devices; slower decode on CPU because weights are not prepacked).
+                 share_weights: bool = False, max_queue: int = DEFAULT_MAX_QUEUE,
+                 backend: Backend | Callable[[Bundle], Backend] | None = None):
+        """backend: a Backend (milora.runtime.backend) or a factory called with the opened Bundle;
+        default OrtBackend(providers, threads, share_weights). share_weights: map the export's one
+        weights file once for both graphs (about 40% less memory, for small devices; slower
+        decode on CPU because weights are not prepacked).
         max_queue: requests waiting for admission beyond this are refused (OverloadError)."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise RequestError(f"max_batch={max_batch!r}; expected an integer >= 1")
@@ -107,8 +111,14 @@ class Engine:
         self.max_queue = max_queue
         self.bundle = Bundle.open(out_dir, verify=verify)
         m = self.bundle.manifest
-        self.backend = OrtBackend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id,
-                                  share_weights=share_weights)
+        if backend is None:
+            backend = OrtBackend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id,
+                                 share_weights=share_weights)
+        elif not isinstance(backend, Backend) and callable(backend):
+            backend = backend(self.bundle)
+        if not isinstance(backend, Backend):
+            raise RequestError(f"backend {type(backend).__name__} does not implement milora.runtime.backend.Backend")
+        self.backend: Backend = backend
         self.max_batch = max_batch
         self.max_context = m["base"].get("max_position_embeddings")
         self.kv_budget = kv_budget_tokens or max_batch * (self.max_context or 2048)
@@ -119,12 +129,12 @@ class Engine:
         self._ids = itertools.count()
         self._queue: deque[Request] = deque()
         self._rows: list[Request] = []
-        self._kv: BatchKV = self.backend.empty_kv()
+        self._kv: KVState = self.backend.empty_kv()
         self._kv_reserved = 0
         # Per-row decode inputs derived from (tenant, routing): rebuilt only when the batch's
         # membership changes, never per step (routing is fixed after prefill).
-        self._slots = np.zeros(0, dtype=np.int64)
-        self._gates = np.zeros((0, self.bundle.num_layers, 7), dtype=np.float32)
+        self._rows_bound = self.backend.bind_rows(np.zeros(0, dtype=np.int64),
+                                                  np.zeros((0, self.bundle.num_layers, 7), dtype=np.float32))
 
     @_locked
     def close(self) -> None:
@@ -132,6 +142,8 @@ class Engine:
         for r in list(self._queue) + list(self._rows):
             self.cancel(r)
         # The registry holds bound methods of the backend: drop both so the sessions go now.
+        if self.backend is not None:
+            self.backend.close()
         self.backend = self.tenants = None
 
     def __enter__(self) -> "Engine":
@@ -159,6 +171,17 @@ class Engine:
 
             load_pack(path, self.bundle.manifest, where=f"tenant {name!r}")
         self.tenants.add(name, (kind, path), pin=pin)
+
+    @_locked
+    def acquire_slot(self, tenant: str | None) -> int:
+        """The slot of a tenant, loaded if needed and held (not evicted) until release_slot;
+        None: slot 0, the base model. For callers that run the backend directly (scoring)."""
+        return 0 if tenant is None else self.tenants.acquire(tenant)
+
+    @_locked
+    def release_slot(self, tenant: str | None) -> None:
+        if tenant is not None:
+            self.tenants.release(tenant)
 
     @_locked
     def remove_tenant(self, name: str) -> None:
@@ -288,7 +311,7 @@ class Engine:
     @_locked
     def stats(self) -> dict[str, Any]:
         return {"queued": len(self._queue), "running": len(self._rows), "kv_reserved_tokens": self._kv_reserved,
-                "kv_batch_tokens": self._kv.mask.size, "tenant_refs": self.tenants.in_use(),
+                "kv_batch_tokens": self._kv.tokens, "tenant_refs": self.tenants.in_use(),
                 "loaded_tenants": self.tenants.slots()}
 
     # ---- scheduling ----
@@ -346,7 +369,7 @@ class Engine:
 
     def _decode(self) -> None:
         ids = np.array([r.output_ids[-1] for r in self._rows], dtype=np.int64)
-        logits = self.backend.decode(ids, self._kv, self._slots, self._gates)
+        logits = self.backend.decode(ids, self._kv, self._rows_bound)
         finite = np.isfinite(logits.max(axis=1))  # [B]: NaN and +inf propagate through max
         for i, r in enumerate(self._rows):
             if finite[i]:
@@ -400,9 +423,10 @@ class Engine:
         self._membership_changed()
 
     def _membership_changed(self) -> None:
-        self._slots = np.array([r._slot for r in self._rows], dtype=np.int64)  # [B]
-        self._gates = (np.stack([r.gates for r in self._rows]).astype(np.float32) if self._rows
-                       else self._gates[:0])  # [B, L, 7]
+        slots = np.array([r._slot for r in self._rows], dtype=np.int64)  # [B]
+        gates = (np.stack([r.gates for r in self._rows]).astype(np.float32) if self._rows
+                 else np.zeros((0, self.bundle.num_layers, 7), dtype=np.float32))  # [B, L, 7]
+        self._rows_bound = self.backend.bind_rows(slots, gates)
 
     def _free(self, r: Request) -> None:
         if r.tenant is not None:
