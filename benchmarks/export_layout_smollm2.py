@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 def backend(root: Path, threads: int | None, share_weights: bool = False):
-    from milora.export import manifest as mf
+    from milora.format import manifest as mf
     from milora.runtime.ort_backend import OrtBackend
 
     return OrtBackend(root, mf.read_manifest(root), threads=threads, share_weights=share_weights)

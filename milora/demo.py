@@ -26,15 +26,15 @@ TENANT_TASKS = {"arc-easy": "arc_e", "boolq": "boolq", "gsm-symbolic": "gsm_symb
 
 def _fingerprint(base: Path, tenants: dict[str, Path]) -> dict[str, str]:
     """sha256 of the inputs an export was made from (retraining a tenant invalidates it)."""
-    from milora.contract import ADAPTER_WEIGHTS_FILE
-    from milora.export.manifest import sha256_file
+    from milora.format.contract import ADAPTER_WEIGHTS_FILE
+    from milora.format.manifest import sha256_file
 
     files = {"base": base / "model.safetensors", **{n: p / ADAPTER_WEIGHTS_FILE for n, p in tenants.items()}}
     return {n: sha256_file(f) if f.is_file() else "missing" for n, f in sorted(files.items())}
 
 
 def _export_is_current(out_dir: Path, fingerprint: dict[str, str]) -> bool:
-    from milora.export.manifest import read_manifest, verify_files
+    from milora.format.manifest import read_manifest, verify_files
 
     stamp = out_dir.with_name(out_dir.name + ".inputs.json")
     try:
@@ -100,7 +100,7 @@ def serve(out_dir: Path, per_tenant: int, max_new_tokens: int) -> None:
 
 
 def _experts(req) -> str:
-    from milora.contract import EXPERTS
+    from milora.format.contract import EXPERTS
 
     return ", ".join(EXPERTS[i] for i, g in enumerate(req.gates[0]) if g != 0)
 

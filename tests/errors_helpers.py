@@ -48,7 +48,7 @@ def edit_json(path: Path, change) -> None:
 def rewrite_manifest(out_dir: Path) -> None:
     """Re-write manifest.json's sha256 table to match the files as they are now (what someone
     hiding a change would do): --check and the runtime must still refuse bad content."""
-    from milora.export.manifest import MANIFEST_FILE, file_hashes
+    from milora.format.manifest import MANIFEST_FILE, file_hashes
 
     edit_json(out_dir / MANIFEST_FILE, lambda m: m.update(files=file_hashes(out_dir)))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from helpers import randomize_adapter, tenant, tiny_llama
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 TENANTS = {
     "alpha": MiloraConfig(rank=4, alpha=8),  # project defaults: attention pooler, rational, paper, k=1

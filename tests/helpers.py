@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.model import MiloraModel
 
 

@@ -8,7 +8,7 @@ import torch
 
 from helpers import randomize_adapter, tenant, tiny_llama, tiny_qwen2
 from milora.errors import RoutingError, UnsupportedModelError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.model import add_milora
 from milora.model.router import MiloraRouter
 

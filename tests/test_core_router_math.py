@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.losses import cv2_loss, load_balancing_loss, switch_loss
 from milora.model.router import MiloraRouter, top_k_gates
 

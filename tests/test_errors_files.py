@@ -18,7 +18,7 @@ from errors_helpers import fails, nothing_written
 from export_helpers import make_model_dir
 from helpers import tiny_llama
 from milora.export import cli as export_cli
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.importers import cli as import_cli
 from milora.runtime import cli as generate_cli
 from milora.train import cli as train_cli
@@ -75,7 +75,7 @@ def test_read_only_out_dir_parent(capsys, tmp_path, model_dir):
 def test_full_disk_during_export(capsys, tmp_path, model_dir, monkeypatch):
     """The last write (manifest.json) hits ENOSPC half-way: no partial directory remains and the
     OUT_DIR that --force would have replaced is untouched."""
-    from milora.export import manifest as mf
+    from milora.format import manifest as mf
 
     out = tmp_path / "out"
     out.mkdir()

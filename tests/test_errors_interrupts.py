@@ -19,7 +19,7 @@ import milora
 from errors_helpers import fails
 from export_helpers import make_model_dir
 from milora.export import cli as export_cli
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 REPO = Path(milora.__file__).resolve().parent.parent
 # Runs a command's main() in a child process with one function replaced by a stand-in that

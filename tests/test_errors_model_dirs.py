@@ -12,10 +12,10 @@ import pytest
 from errors_helpers import edit_json, fails, nothing_written, raises
 from export_helpers import make_model_dir
 from helpers import tenant, tiny_llama
-from milora.adapter_format import check_base, read_adapter
+from milora.format.adapter import check_base, read_adapter
 from milora.errors import AdapterFormatError
 from milora.export import cli as export_cli
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.importers import cli as import_cli
 from milora.runtime import cli as generate_cli
 from test_import_reference import reference_package  # noqa: F401 (fixture: the reference code's classes)

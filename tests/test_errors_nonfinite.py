@@ -15,11 +15,11 @@ import pytest
 from errors_helpers import fails, nothing_written, poison_safetensors, raises
 from export_helpers import make_model_dir
 from helpers import tiny_llama
-from milora.adapter_format import read_adapter
+from milora.format.adapter import read_adapter
 from milora.errors import NonFiniteError
 from milora.export import cli as export_cli
-from milora.finite import check_finite
-from milora.model.config import MiloraConfig
+from milora.format.finite import check_finite
+from milora.format.config import MiloraConfig
 from milora.model.importers import cli as import_cli
 from test_import_reference import reference_package  # noqa: F401 (fixture: the reference code's classes)
 

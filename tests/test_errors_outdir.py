@@ -14,7 +14,7 @@ from errors_helpers import fails, poison_safetensors, raises, rewrite_manifest
 from export_helpers import make_model_dir
 from milora.errors import NonFiniteError, SlotLoadError, TenantError
 from milora.export import cli as export_cli
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.runtime import cli as generate_cli
 from runtime_helpers import add_word_tokenizer
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from milora.errors import CapacityError, NumericalError, OverloadError, RequestError, TenantError
-from milora.export import manifest as mf
+from milora.format import manifest as mf
 from milora.runtime import Engine, SamplingParams
 from milora.runtime.sampling import SamplingError
 from runtime_helpers import export_tiny, random_prompts

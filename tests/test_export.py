@@ -11,10 +11,10 @@ import onnx
 import pytest
 
 from export_helpers import TENANTS, make_model_dir, save_peft
-from milora.contract import EXPERTS, NUM_EXPERTS
+from milora.format.contract import EXPERTS, NUM_EXPERTS
 from milora.errors import ExportError, ValidationError
-from milora.export import manifest as mf
-from milora.export.banks import assemble_banks, default_slots
+from milora.format import manifest as mf
+from milora.format.pack import assemble_banks, default_slots
 from milora.export.exporter import export, load_base
 from milora.export.tenants import load_tenants
 from milora.export.validate import Row, run_graphs, sessions, validate

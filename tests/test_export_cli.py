@@ -8,7 +8,7 @@ import pytest
 
 from export_helpers import make_model_dir
 from milora.export.cli import main
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 ONE = {"solo": MiloraConfig(rank=2, alpha=4, top_k=2)}
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from export_helpers import TENANTS, make_model_dir
-from milora.export import manifest as mf
-from milora.export.banks import assemble_banks, default_slots
+from milora.format import manifest as mf
+from milora.format.pack import assemble_banks, default_slots
 from milora.export.exporter import export
 
 LOWERINGS = ["dense", "if_skip", "compact", "if_compact", "tensorrt"]

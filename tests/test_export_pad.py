@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from export_helpers import make_model_dir
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 # Poolers that read every position (max, mean) would show a pad leaking into routing.
 TENANTS = {"a": MiloraConfig(rank=2, alpha=4, top_k=2, pooler="max"),
@@ -22,9 +22,9 @@ WIDTH = 5
 def graphs(tmp_path_factory):
     import onnxruntime as ort
 
-    from milora.export.banks import assemble_banks, default_slots
+    from milora.format.pack import assemble_banks, default_slots
     from milora.export.exporter import export
-    from milora.export.manifest import read_manifest
+    from milora.format.manifest import read_manifest
 
     root = tmp_path_factory.mktemp("pad")
     export(make_model_dir(root, TENANTS), root / "out", validate=False, progress=False)

@@ -10,12 +10,12 @@ import itertools
 import numpy as np
 import torch
 
-from milora.adapter_format import expected_shapes
-from milora.contract import EXPERT_INDEX
-from milora.export import manifest as mf
-from milora.export.banks import build_pack
+from milora.format.adapter import expected_shapes
+from milora.format.contract import EXPERT_INDEX
+from milora.format import manifest as mf
+from milora.format.pack import build_pack
 from milora.export.router_graph import route_layer
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.router import MiloraRouter
 
 BASE = {"architecture": "LlamaForCausalLM", "hidden_size": 16, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,

@@ -2,11 +2,11 @@
 and bit-flipped files, random JSON and valid documents with one part replaced must load or
 fail with one of milora's typed errors (MiloraError), never anything else.
 
-    manifest.json            milora.export.manifest.read_manifest
+    manifest.json            milora.format.manifest.read_manifest
     OUT_DIR JSON readers     milora.runtime.bundle.Bundle.open (tokenizer_config.json,
                              generation_config.json, tokenizer.json) and its chat template
-    slot packs               milora.export.banks.load_pack
-    adapter directories      milora.adapter_format.read_config / read_adapter
+    slot packs               milora.format.pack.load_pack
+    adapter directories      milora.format.adapter.read_config / read_adapter
     --batch requests         milora.runtime.cli.read_batch
     training JSONL           milora.train.data.read_jsonl
 """
@@ -23,12 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from milora.adapter_format import expected_shapes, read_adapter
-from milora.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, EXPERTS
+from milora.format.adapter import expected_shapes, read_adapter
+from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, EXPERTS
 from milora.errors import MiloraError
-from milora.export import manifest as mf
-from milora.export.banks import empty_pack, load_pack, tenant_options
-from milora.model.config import MiloraConfig
+from milora.format import manifest as mf
+from milora.format.pack import empty_pack, load_pack, tenant_options
+from milora.format.config import MiloraConfig
 
 # Bounded and reproducible in the suite; MILORA_FUZZ_EXAMPLES=5000 runs a longer, random search.
 _LONG = int(os.environ.get("MILORA_FUZZ_EXAMPLES", "0"))

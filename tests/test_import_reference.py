@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from milora.contract import EXPERTS
+from milora.format.contract import EXPERTS
 from milora.errors import BaseMismatchError, ImportError_, UnsafeCheckpointError
 from milora.model.importers import convert_to_milora, import_reference_checkpoint, load_reference_checkpoint
 from milora.model.model import MiloraModel

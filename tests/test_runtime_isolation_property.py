@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from helpers import tenant
 from milora.errors import NumericalError
-from milora.export import manifest as mf
-from milora.model.config import MiloraConfig
+from milora.format import manifest as mf
+from milora.format.config import MiloraConfig
 from milora.runtime import Engine, SamplingParams
 from runtime_helpers import export_tiny
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from helpers import tenant
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.runtime import Engine, SamplingParams
 from runtime_helpers import export_tiny
 
@@ -94,6 +94,6 @@ def test_soak_1000_requests_16_threads(out_dir):
 
 
 def engine_slots(out) -> int:
-    from milora.export.manifest import read_manifest
+    from milora.format.manifest import read_manifest
 
     return read_manifest(out)["slots"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from milora.errors import ManifestError
-from milora.export import manifest as mf
+from milora.format import manifest as mf
 from milora.runtime.ort_backend import OrtBackend
 from runtime_helpers import export_tiny, random_prompts
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import tiny_llama
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.model import MiloraModel
 from milora.train.data import Example
 from milora.train.encode import IGNORE, collate, encode

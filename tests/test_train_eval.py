@@ -8,7 +8,7 @@ import json
 import torch
 
 from helpers import randomize_adapter, tiny_llama
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.model import MiloraModel
 from milora.train.data import Example
 from milora.train.encode import collate, encode

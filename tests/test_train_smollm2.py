@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def test_smollm2_milora_training_fits_its_examples_and_evaluates(tmp_path):
     import torch
 
-    from milora.model.config import MiloraConfig
+    from milora.format.config import MiloraConfig
     from milora.model.model import MiloraModel
     from milora.train.api import load_base
     from milora.train.data import load_task

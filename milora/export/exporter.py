@@ -4,7 +4,7 @@
     check(out_dir)     # refuses tampered files; re-runs validation when the sources exist
 
 OUT_DIR:
-    manifest.json                the contract (milora.export.manifest)
+    manifest.json                the contract (milora.format.manifest)
     prefill.onnx                 router + prefill, gates out
     decode.onnx                  decode, gates in, no router
     weights.onnx.data            the external data of both graphs (each weight once)
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from milora.errors import ExportError, ManifestError, WriteError
-from milora.export import manifest as mf
-from milora.export.banks import build_pack, save_pack, tenant_options
+from milora.format import manifest as mf
+from milora.format.pack import build_pack, save_pack, tenant_options
 from milora.export.lowering import DEFAULT_LOWERING, LOWERINGS
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
@@ -317,7 +317,7 @@ def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: 
     import transformers
 
     import milora
-    from milora.contract import EXPERTS
+    from milora.format.contract import EXPERTS
 
     graphs = {}
     for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
@@ -351,7 +351,7 @@ def check(out_dir: str | Path, validate: bool = True, python_op: bool = False, d
     parse or whose slot packs are malformed or non-finite (even when their sha256 matches, e.g.
     after a manifest was re-written), then re-run the validation against PyTorch when the
     recorded sources (model dir, adapters) still exist."""
-    from milora.export.banks import load_pack
+    from milora.format.pack import load_pack
     from milora.export.tenants import load_tenant
 
     if decode_steps < 1:

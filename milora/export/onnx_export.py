@@ -21,7 +21,7 @@ import torch
 from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 
-from milora.export import manifest as mf
+from milora.format import manifest as mf
 from milora.export.bank_model import BankModel, DecodeGraph, PrefillGraph
 from milora.export.lowering import lower
 

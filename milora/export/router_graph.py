@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from milora.export import manifest as mf
+from milora.format import manifest as mf
 from milora.model.router import ACTIVATION_FNS, gates_from_logits, pool_all, rational, select_top_k
 
 # Stands in for -inf on experts a tenant lacks: exp() of it is exactly 0 next to any real

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from milora.adapter_format import check_base, read_adapter
-from milora.contract import ADAPTER_CONFIG_FILE
+from milora.format.adapter import check_base, read_adapter
+from milora.format.contract import ADAPTER_CONFIG_FILE
 from milora.errors import ExportError, NonFiniteError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 ADAPTERS_SUBDIR = "adapters"
 ROOT_TENANT = "default"

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from milora.contract import NUM_EXPERTS
+from milora.format.contract import NUM_EXPERTS
 from milora.errors import ValidationError
-from milora.export import manifest as mf
-from milora.export.banks import assemble_banks, default_slots
+from milora.format import manifest as mf
+from milora.format.pack import assemble_banks, default_slots
 
 # (atol, rtol) per output kind and the router-margin tolerance, keyed by export dtype.
 TOLERANCES: dict[str, dict[str, Any]] = {

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from milora.adapter_format import check_base, check_tensors, expected_shapes, read_adapter
-from milora.contract import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, EXPERT_INDEX, NUM_EXPERTS, lora_a_name,
+from milora.format.adapter import check_base, check_tensors, expected_shapes, read_adapter
+from milora.format.contract import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, EXPERT_INDEX, NUM_EXPERTS, lora_a_name,
                              lora_b_name, router_tensor_name)
 from milora.errors import AdapterFormatError, RoutingError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.inject import base_info, decoder_layers, expert_linear, set_expert_linear
 from milora.model.layer import MiloraLinear
 from milora.model.losses import load_balancing_loss

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from milora.contract import GATE_FLOOR
+from milora.format.contract import GATE_FLOOR
 from milora.errors import RoutingError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 # "Safe" Pade unit initialisations of the reference code, degrees (5, 4):
 # R(x) = (a0 + a1 x + ... + a5 x^5) / (1 + |b1 x + b2 x^2 + b3 x^3 + b4 x^4|).

@@ -1,6 +1,6 @@
 """An opened export directory (OUT_DIR): manifest, verified files, tokenizer, chat template.
 
-Reads only what milora-export wrote (milora.export.manifest is torch-free); imports neither
+Reads only what milora-export wrote (milora.format.manifest is torch-free); imports neither
 torch nor transformers.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.errors import ManifestError
-from milora.export import manifest as mf
+from milora.format import manifest as mf
 
 
 @dataclass

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     if args.list_tenants:
-        from milora.export.manifest import read_manifest
+        from milora.format.manifest import read_manifest
 
         for name, info in read_manifest(args.out_dir)["tenants"].items():
             print(f"{name}\tslot {info.get('slot')}")

@@ -167,7 +167,7 @@ class Engine:
         if kind == "adapter":
             self._read_checked_adapter(path, name)  # validate now; the pack is built when a slot needs it
         else:
-            from milora.export.banks import load_pack
+            from milora.format.pack import load_pack
 
             load_pack(path, self.bundle.manifest, where=f"tenant {name!r}")
         self.tenants.add(name, (kind, path), pin=pin)
@@ -197,7 +197,7 @@ class Engine:
 
     def _read_checked_adapter(self, path: Path, name: str | None = None):
         """(config, tensors) of an adapter directory that fits this export's base and banks."""
-        from milora.adapter_format import check_base, read_adapter
+        from milora.format.adapter import check_base, read_adapter
         from milora.errors import NonFiniteError
 
         m = self.bundle.manifest
@@ -212,7 +212,7 @@ class Engine:
         return config, tensors
 
     def _adapter_pack(self, path: Path) -> dict[str, np.ndarray]:
-        from milora.export.banks import build_pack
+        from milora.format.pack import build_pack
 
         m = self.bundle.manifest
         config, tensors = self._read_checked_adapter(path)
@@ -220,7 +220,7 @@ class Engine:
 
     def _load_slot(self, slot: int, name: str, source: tuple[str, Path]) -> None:
         from milora.errors import SlotLoadError
-        from milora.export.banks import load_pack
+        from milora.format.pack import load_pack
 
         kind, path = source
         try:

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from milora.errors import ManifestError, RequestError
-from milora.export import manifest as mf
-from milora.export.banks import NP_DTYPES
+from milora.format import manifest as mf
+from milora.format.pack import NP_DTYPES
 from milora.runtime.weights import map_shared_initializers
 
 

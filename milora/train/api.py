@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from milora.errors import DataError, MiloraError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.train.data import Example, load_task, read_jsonl
 from milora.train.eval import EvalResult, evaluate
 from milora.train.loop import TrainConfig, TrainResult, train

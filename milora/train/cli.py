@@ -96,7 +96,7 @@ def read_config_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def configs_from_args(args: argparse.Namespace):
-    from milora.model.config import MiloraConfig
+    from milora.format.config import MiloraConfig
     from milora.train.loop import TrainConfig
 
     adapter, training = read_config_file(args.config)

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.train.loop import TrainConfig
 
 DEMO_DIRNAME = "demo-tenants"

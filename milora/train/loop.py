@@ -144,7 +144,7 @@ def _save_checkpoint(out_dir: Path, model, opt, sched, state: dict[str, Any]) ->
 
 
 def _load_checkpoint(out_dir: Path, model, opt, sched, cfg: TrainConfig) -> dict[str, Any]:
-    from milora.adapter_format import read_adapter
+    from milora.format.adapter import read_adapter
 
     ckpt = out_dir / CHECKPOINT_DIR
     if not (ckpt / "state.pt").is_file():

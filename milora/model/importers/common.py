@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from milora.adapter_format import BASE_KEYS, as_os_error, check_tensors, expected_shapes
-from milora.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name
+from milora.format.adapter import BASE_KEYS, as_os_error, check_tensors, expected_shapes
+from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name
 from milora.errors import ImportError_, WriteError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 
 @dataclass

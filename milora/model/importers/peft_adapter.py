@@ -21,11 +21,11 @@ from typing import Any
 
 from torch import Tensor
 
-from milora.adapter_format import module_dims
-from milora.contract import EXPERT_PARENT, EXPERTS
+from milora.format.adapter import module_dims
+from milora.format.contract import EXPERT_PARENT, EXPERTS
 from milora.errors import BaseMismatchError, ImportError_
-from milora.finite import check_finite
-from milora.model.config import MiloraConfig
+from milora.format.finite import check_finite
+from milora.format.config import MiloraConfig
 from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
 
 PEFT_CONFIG_FILE = "adapter_config.json"

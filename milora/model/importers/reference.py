@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from milora.adapter_format import module_dims
-from milora.contract import EXPERTS, NUM_EXPERTS, router_tensor_name
+from milora.format.adapter import module_dims
+from milora.format.contract import EXPERTS, NUM_EXPERTS, router_tensor_name
 from milora.errors import BaseMismatchError, ConfigError, ImportError_
-from milora.finite import check_finite
-from milora.model.config import MiloraConfig
+from milora.format.finite import check_finite
+from milora.format.config import MiloraConfig
 from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
 from milora.model.importers.safe_pickle import GlobalRef, PickledModule, load_pickled_modules
 from milora.model.router import RATIONAL_INIT

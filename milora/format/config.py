@@ -11,7 +11,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from milora.contract import ADAPTER_FORMAT_VERSION, EXPERTS
+from milora.format.contract import ADAPTER_FORMAT_VERSION, EXPERTS
 from milora.errors import ConfigError
 
 POOLERS = ("attention", "last", "mean", "max")

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from milora.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name, router_tensor_name
+from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name, router_tensor_name
 from milora.errors import AdapterFormatError, BaseMismatchError, ConfigError
-from milora.finite import check_finite
-from milora.model.config import MiloraConfig
+from milora.format.finite import check_finite
+from milora.format.config import MiloraConfig
 
 BASE_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
              "intermediate_size", "vocab_size")

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from milora.contract import EXPERT_INDEX, lora_a_name, lora_b_name, router_tensor_name
+from milora.format.contract import EXPERT_INDEX, lora_a_name, lora_b_name, router_tensor_name
 from milora.errors import ExportError, ManifestError
-from milora.export import manifest as mf
-from milora.finite import check_finite
-from milora.model.config import MiloraConfig
+from milora.format import manifest as mf
+from milora.format.finite import check_finite
+from milora.format.config import MiloraConfig
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -85,7 +85,7 @@ def save_pack(path: Path, pack: dict[str, np.ndarray]) -> None:
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    from milora.adapter_format import as_os_error
+    from milora.format.adapter import as_os_error
 
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in pack.items()}, str(path),

@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from milora.adapter_format import module_dims
-from milora.contract import EXPERTS, NUM_EXPERTS
+from milora.format.adapter import module_dims
+from milora.format.contract import EXPERTS, NUM_EXPERTS
 from milora.errors import ManifestError
 
 MANIFEST_FORMAT = "milora-export"
