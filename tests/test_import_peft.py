@@ -14,6 +14,7 @@ from milora.errors import BaseMismatchError, ImportError_
 from milora.model.importers import convert_to_milora, import_peft_adapter, load_peft_adapter
 from milora.model.inject import base_info
 from milora.model.model import MiloraModel
+from milora.format.tolerances import close
 from tests.helpers import tiny_llama, tiny_qwen2
 from tests.import_helpers import llama
 
@@ -54,7 +55,7 @@ def test_plain_lora_matches_peft(builder, tmp_path):
     assert not model.config.routed
     assert (model.config.rank, model.config.alpha) == (4, 8.0)  # uniform: kept as trained, not folded
     assert not model.config.notes["scales_folded_into_B"]
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
     # The adapter really changes the output (a fresh MiLoRA adapter with B = 0 would not).
     assert (our_logits(model) - base_logits).abs().max() > 1e-2
     gates = model(IDS, MASK).routing.gates
@@ -71,7 +72,7 @@ def test_rslora_on_some_modules_and_layers(builder, tmp_path):
     # Layer 0 was not targeted: its tensors are zero, so it gets no update.
     assert not tensors["layers.0.q_proj.lora_B"].any() and tensors["layers.1.q_proj.lora_B"].any()
     model = load_peft_adapter(builder(), src)
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
     gates = model(IDS, MASK).routing.gates[0, 0]
     assert gates.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]  # fixed gates of 1 on its modules only
 
@@ -87,7 +88,7 @@ def test_rank_and_alpha_patterns_fold_exactly(builder, tmp_path):
     # down_proj of layer 1 has rank 2: its columns 2.. are zero padding.
     assert tensors["layers.1.down_proj.lora_B"][:, :2].any() and not tensors["layers.1.down_proj.lora_B"][:, 2:].any()
     model = load_peft_adapter(builder(), src)
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
 
 
 def test_converted_directory_round_trips(tmp_path):
@@ -97,7 +98,7 @@ def test_converted_directory_round_trips(tmp_path):
     # Converting only reads the base: it is still a plain HF model afterwards.
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear"
     model = MiloraModel.from_pretrained(base, out)
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
     with pytest.raises(ImportError_, match="not an empty directory"):
         convert_to_milora(src, out, tiny_qwen2())
 
@@ -210,7 +211,7 @@ def test_cli_converts_with_only_the_base_config(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path / "base")
     assert main([str(src), str(tmp_path / "out"), "--base", str(tmp_path / "base")]) == 0
     model = MiloraModel.from_pretrained(tiny_llama(), tmp_path / "out").eval()
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
     # Errors are reported, typed messages, not tracebacks.
     assert main([str(src), str(tmp_path / "out2"), "--base", str(tmp_path / "base"), "--top-k", "2"]) == 2
     assert "top_k and alpha apply to reference-code checkpoints only" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from milora.errors import BaseMismatchError, ImportError_, UnsafeCheckpointError
 from milora.model.importers import convert_to_milora, import_reference_checkpoint, load_reference_checkpoint
 from milora.model.model import MiloraModel
 from milora.model.router import RATIONAL_INIT
+from milora.format.tolerances import close
 from tests.import_helpers import llama, qwen2
 
 EM_LORA, RATIONAL = "src.llama2.em_lora", "src.llama2.rational"
@@ -230,8 +231,8 @@ def test_reference_checkpoint_routes_and_computes_like_the_reference(builder, po
     with torch.no_grad():
         out = model(IDS, MASK)
     assert torch.equal(out.routing.active(), ref_gates != 0)  # the same experts, every row and layer
-    torch.testing.assert_close(out.routing.gates, ref_gates, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.routing.gates, ref_gates, **close("torch", "gates"))
+    torch.testing.assert_close(out.logits, expected, **close("torch", "logits"))
     # The routing is not trivial: different rows or layers pick different experts.
     assert len({tuple(r) for r in out.routing.active().reshape(-1, 7).tolist()}) > 1
 
@@ -241,7 +242,7 @@ def test_reference_checkpoint_routes_and_computes_like_the_reference(builder, po
     with torch.no_grad():
         step = model(nxt, full_mask, routing=out.routing, past_key_values=out.past_key_values)
     ref_step, _, _ = reference_forward(build(), modules, gatings, full_ids, full_mask, fixed_gates=ref_gates)
-    torch.testing.assert_close(step.logits[:, -1], ref_step[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step.logits[:, -1], ref_step[:, -1], **close("torch", "logits"))
 
 
 def test_imported_tensors_map_the_reference_parameters(tmp_path):
@@ -278,7 +279,7 @@ def test_convert_writes_a_loadable_adapter(tmp_path):
     out = convert_to_milora(src, tmp_path / "milora", build())
     model = MiloraModel.from_pretrained(build(), out).eval()  # eval: no router noise
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS, MASK).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(IDS, MASK).logits, expected, **close("torch", "logits"))
 
 
 # ---- safety: pickles that would run code are refused and never run ----
@@ -368,7 +369,7 @@ def test_alpha_is_required_when_not_recorded(tmp_path):
         import_reference_checkpoint(build(), src)
     model = load_reference_checkpoint(build(), src, alpha=16)
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS, MASK).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(IDS, MASK).logits, expected, **close("torch", "logits"))
 
 
 def test_alpha_contradicting_the_checkpoint_is_refused(tmp_path):

@@ -13,6 +13,7 @@ from milora.model.model import MiloraModel
 from milora.train.data import Example
 from milora.train.encode import collate, encode
 from milora.train.eval import bootstrap_ci, evaluate, extract_number, option_scores, paired_bootstrap, same_number
+from milora.format.tolerances import close
 from train_helpers import char_tokenizer
 
 MC = [Example(f"pick {i}: which is right?", "right", ["wrong", "right", "maybe so"], 1, key=f"mc{i}")
@@ -38,7 +39,7 @@ def test_cached_option_scores_match_full_sequences():
     for ex in MC[:2]:
         got = option_scores(model, tok, ex, chat=False, routing_counts=counts)
         want = _reference_scores(model, tok, ex)
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), **close("torch", "scores"))
     # Routing seen while scoring: k = 2 experts per layer for each of the 2 prompts.
     torch.testing.assert_close(counts.sum(dim=1), torch.full((model.num_layers,), 4.0))
 

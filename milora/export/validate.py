@@ -5,12 +5,12 @@ Each row of a case is run alone through its tenant's MiloraModel on its unpadded
 run the same rows as one left-padded batch of mixed tenants: prefill, then N decode steps
 fed with the graph's own gates and presents. Compared, real positions only:
     gates        expert selections equal wherever the reference margin between the k-th and
-                 (k+1)-th router logit exceeds TOLERANCES[dtype]["margin"]; a row whose
+                 (k+1)-th router logit exceeds the margin tolerance; a row whose
                  selection differs only at near-ties is reported and not compared further
     gates, logits (prefill: the last position, or every real one when the export keeps all;
                  every decode step), present.* (prefill and last step; every layer's KV at every
                  position checks the hidden states the last-position logits do not show)
-                 |graph - ref| <= atol + rtol * |ref|   (TOLERANCES[dtype][kind])
+                 |graph - ref| <= atol + rtol * |ref|   (milora.format.tolerances, backend onnxruntime)
 Every mismatch is collected (output name, row, max error, bound), then one ValidationError.
 """
 
@@ -27,13 +27,9 @@ import torch
 from milora.format.contract import NUM_EXPERTS
 from milora.errors import ValidationError
 from milora.format import manifest as mf
+from milora.format.tolerances import margin, tolerance
 from milora.format.pack import assemble_banks, default_slots
 
-# (atol, rtol) per output kind and the router-margin tolerance, keyed by export dtype.
-TOLERANCES: dict[str, dict[str, Any]] = {
-    "float32": {"logits": (2e-4, 1e-4), "present": (1e-4, 1e-4), "gates": (1e-5, 1e-4), "margin": 1e-4},
-    "float16": {"logits": (6e-2, 2e-2), "present": (3e-2, 2e-2), "gates": (4e-3, 1e-2), "margin": 2e-2},
-}
 PAD_ID = 0
 
 
@@ -229,7 +225,8 @@ def _selection_ok(report: Report, i: int, row: Row, got: np.ndarray, ref: RowRef
 
 
 def compare(rows: list[Row], refs: list[RowRef], res: dict[str, Any], dtype: str, nl: int) -> Report:
-    tol, report = TOLERANCES[dtype], Report()
+    tol, report = {k: tolerance("onnxruntime", dtype, k) for k in ("logits", "present", "gates")}, Report()
+    tol["margin"] = margin("onnxruntime", dtype)
     t = res["mask"].shape[1]
     for i, (row, ref) in enumerate(zip(rows, refs)):
         n, where = len(row.prompt), f"row {i}, tenant {row.tenant}"
