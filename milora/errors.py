@@ -23,11 +23,11 @@ class BaseMismatchError(MiloraError):
     """An adapter was trained for a base model whose dimensions differ from this one."""
 
 
-class ImportError_(MiloraError):
+class AdapterImportError(MiloraError):
     """A PEFT adapter or reference-code checkpoint cannot be imported."""
 
 
-class UnsafeCheckpointError(ImportError_):
+class UnsafeCheckpointError(AdapterImportError):
     """A pickled checkpoint refers to code outside the allowlist; it was not executed."""
 
 

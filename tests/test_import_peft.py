@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from milora.errors import BaseMismatchError, ImportError_
+from milora.errors import BaseMismatchError, AdapterImportError
 from milora.model.importers import convert_to_milora, import_peft_adapter, load_peft_adapter
 from milora.model.inject import base_info
 from milora.model.model import MiloraModel
@@ -99,7 +99,7 @@ def test_converted_directory_round_trips(tmp_path):
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear"
     model = MiloraModel.from_pretrained(base, out)
     torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
-    with pytest.raises(ImportError_, match="not an empty directory"):
+    with pytest.raises(AdapterImportError, match="not an empty directory"):
         convert_to_milora(src, out, tiny_qwen2())
 
 
@@ -122,33 +122,33 @@ def edit_config(src, **changes):
 
 def test_dora_is_refused(tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path, use_dora=True)
-    with pytest.raises(ImportError_, match="use_dora.*DoRA"):
+    with pytest.raises(AdapterImportError, match="use_dora.*DoRA"):
         import_peft_adapter(tiny_llama(), src)
 
 
 @pytest.mark.parametrize("extra", ["lm_head", "embed_tokens"])
 def test_targets_outside_the_seven_are_refused(extra, tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path, target_modules=["q_proj", extra])
-    with pytest.raises(ImportError_, match=f"outside the 7.*{extra}"):
+    with pytest.raises(AdapterImportError, match=f"outside the 7.*{extra}"):
         import_peft_adapter(tiny_llama(), src)
 
 
 def test_foreign_tensors_are_refused_even_when_the_config_hides_them(tmp_path):
     # A regex target list cannot be checked by name; the tensors in the file still can.
     src, _ = make_peft(tiny_llama, tmp_path, target_modules=r".*(q_proj|lm_head)")
-    with pytest.raises(ImportError_, match="lm_head.lora_A"):
+    with pytest.raises(AdapterImportError, match="lm_head.lora_A"):
         import_peft_adapter(tiny_llama(), src)
 
 
 def test_bias_training_is_refused(tmp_path):
     src, _ = make_peft(tiny_qwen2, tmp_path, bias="lora_only")
-    with pytest.raises(ImportError_, match="bias"):
+    with pytest.raises(AdapterImportError, match="bias"):
         import_peft_adapter(tiny_qwen2(), src)
 
 
 def test_modules_to_save_is_refused(tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path, modules_to_save=["lm_head"])
-    with pytest.raises(ImportError_, match="modules_to_save"):
+    with pytest.raises(AdapterImportError, match="modules_to_save"):
         import_peft_adapter(tiny_llama(), src)
 
 
@@ -156,14 +156,14 @@ def test_non_lora_peft_types_are_refused(tmp_path):
     model = peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                              feedforward_modules=["down_proj"]))
     model.save_pretrained(tmp_path / "ia3")
-    with pytest.raises(ImportError_, match="only LoRA.*IA3"):
+    with pytest.raises(AdapterImportError, match="only LoRA.*IA3"):
         import_peft_adapter(tiny_llama(), tmp_path / "ia3")
 
 
 def test_base_rewriting_initialisations_are_refused(tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path)
     edit_config(src, init_lora_weights="pissa_niter_4")
-    with pytest.raises(ImportError_, match="rewrote the base weights"):
+    with pytest.raises(AdapterImportError, match="rewrote the base weights"):
         import_peft_adapter(tiny_llama(), src)
 
 
@@ -180,7 +180,7 @@ def test_adapter_for_another_base_is_refused(tmp_path):
 def test_rank_disagreeing_with_config_is_refused(tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path)
     edit_config(src, r=8)
-    with pytest.raises(ImportError_, match="rank 4 in the weights but 8"):
+    with pytest.raises(AdapterImportError, match="rank 4 in the weights but 8"):
         import_peft_adapter(tiny_llama(), src)
 
 
@@ -199,7 +199,7 @@ def test_pickled_peft_weights_are_not_opened(tmp_path):
     (src / "adapter_model.safetensors").unlink()
     marker = tmp_path / "pwned"
     (src / "adapter_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(ImportError_, match="adapter_model.bin, a pickle file"):
+    with pytest.raises(AdapterImportError, match="adapter_model.bin, a pickle file"):
         import_peft_adapter(tiny_llama(), src)
     assert not marker.exists()
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from milora.format.contract import EXPERTS
-from milora.errors import BaseMismatchError, ImportError_, UnsafeCheckpointError
+from milora.errors import BaseMismatchError, AdapterImportError, UnsafeCheckpointError
 from milora.model.importers import convert_to_milora, import_reference_checkpoint, load_reference_checkpoint
 from milora.model.model import MiloraModel
 from milora.model.router import RATIONAL_INIT
@@ -267,7 +267,7 @@ def test_top_k_argument_overrides_the_recorded_k(tmp_path):
     with torch.no_grad():
         gates = model(IDS, MASK).routing.gates
     assert model.config.top_k == 3 and ((gates != 0).sum(-1) == 3).all()
-    with pytest.raises(ImportError_, match="top_k=9"):
+    with pytest.raises(AdapterImportError, match="top_k=9"):
         import_reference_checkpoint(build(), src, top_k=9)
 
 
@@ -365,7 +365,7 @@ def test_alpha_is_required_when_not_recorded(tmp_path):
     for m in modules:
         del m.lora_alpha
     src = save_reference(tmp_path / "c", modules, gatings)
-    with pytest.raises(ImportError_, match="does not record lora_alpha; pass alpha="):
+    with pytest.raises(AdapterImportError, match="does not record lora_alpha; pass alpha="):
         import_reference_checkpoint(build(), src)
     model = load_reference_checkpoint(build(), src, alpha=16)
     with torch.no_grad():
@@ -375,7 +375,7 @@ def test_alpha_is_required_when_not_recorded(tmp_path):
 def test_alpha_contradicting_the_checkpoint_is_refused(tmp_path):
     build = no_gqa(llama)
     src = save_reference(tmp_path / "c", *make_reference(build(), alpha=16))
-    with pytest.raises(ImportError_, match="records lora_alpha=16 but alpha=8"):
+    with pytest.raises(AdapterImportError, match="records lora_alpha=16 but alpha=8"):
         import_reference_checkpoint(build(), src, alpha=8)
 
 
@@ -391,7 +391,7 @@ def test_other_rational_versions_are_refused(tmp_path, monkeypatch):
     for g in gatings:
         g.intermediate_act_fn.activation_function = Rational_PYTORCH_A_F
     src = save_reference(tmp_path / "c", modules, gatings)
-    with pytest.raises(ImportError_, match="Rational_PYTORCH_A_F; only the 'safe' version B"):
+    with pytest.raises(AdapterImportError, match="Rational_PYTORCH_A_F; only the 'safe' version B"):
         import_reference_checkpoint(build(), src)
 
 
@@ -399,7 +399,7 @@ def test_missing_files_are_named(tmp_path):
     build = no_gqa(llama)
     src = save_reference(tmp_path / "c", *make_reference(build()))
     (src / "lora_gatings.bin").unlink()
-    with pytest.raises(ImportError_, match=r"\['lora_gatings.bin'\] missing"):
+    with pytest.raises(AdapterImportError, match=r"\['lora_gatings.bin'\] missing"):
         import_reference_checkpoint(build(), src)
 
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from milora.cli_errors import ArgumentParser, cli_main
-from milora.errors import ImportError_, UsageError
+from milora.errors import AdapterImportError, UsageError
 
 
 def base_dims_from_dir(model_dir: str | Path) -> dict[str, Any]:
@@ -27,9 +27,9 @@ def base_dims_from_dir(model_dir: str | Path) -> dict[str, Any]:
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ImportError_(f"--base {model_dir}: cannot read a Hugging Face config.json ({exc})") from None
+        raise AdapterImportError(f"--base {model_dir}: cannot read a Hugging Face config.json ({exc})") from None
     if not getattr(config, "architectures", None):
-        raise ImportError_(f"--base {model_dir}: config.json has no 'architectures'; expected e.g. "
+        raise AdapterImportError(f"--base {model_dir}: config.json has no 'architectures'; expected e.g. "
                            "['LlamaForCausalLM'] (save the model with save_pretrained)")
     return base_info(SimpleNamespace(config=config))
 

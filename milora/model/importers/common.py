@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from milora.format.adapter import BASE_KEYS, as_os_error, check_tensors, expected_shapes
 from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name
-from milora.errors import ImportError_, WriteError
+from milora.errors import AdapterImportError, WriteError
 from milora.format.config import MiloraConfig
 
 
@@ -52,7 +52,7 @@ def resolve_base(base_model_or_dims: nn.Module | dict[str, Any]) -> dict[str, An
     if isinstance(base_model_or_dims, dict):
         missing = [k for k in BASE_KEYS if k not in base_model_or_dims]
         if missing:
-            raise ImportError_(
+            raise AdapterImportError(
                 f"base dims lack {missing}; expected a dict with {list(BASE_KEYS)} "
                 "(milora.model.inject.base_info(model) builds one) or the base model itself"
             )
@@ -107,7 +107,7 @@ def write_adapter(adapter: ImportedAdapter, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ImportError_(f"{out_dir} already exists and is not an empty directory; expected a new (or empty) "
+        raise AdapterImportError(f"{out_dir} already exists and is not an empty directory; expected a new (or empty) "
                            "output directory. Fix: choose a new output directory")
     check_tensors({k: tuple(v.shape) for k, v in adapter.tensors.items()},
                   expected_shapes(adapter.config, adapter.base), f"imported adapter for {out_dir}")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from milora.format.adapter import module_dims
 from milora.format.contract import EXPERTS, NUM_EXPERTS, router_tensor_name
-from milora.errors import BaseMismatchError, ConfigError, ImportError_
+from milora.errors import BaseMismatchError, ConfigError, AdapterImportError
 from milora.format.finite import check_finite
 from milora.format.config import MiloraConfig
 from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
@@ -45,7 +45,7 @@ def _child(module: PickledModule, name: str, kind: str, where: str) -> PickledMo
     child = module.children.get(name)
     if child is None or child.kind != kind:
         seen = None if child is None else child.cls
-        raise ImportError_(f"{where}.{name}: expected a {kind} module, found {seen}; not a reference-code checkpoint")
+        raise AdapterImportError(f"{where}.{name}: expected a {kind} module, found {seen}; not a reference-code checkpoint")
     return child
 
 
@@ -103,13 +103,13 @@ def _scale(item: PickledModule, rank: int, alpha: float | None, where: str) -> f
     """alpha / r as the reference computes it, from the pickled lora_alpha and lora_rank."""
     stored_rank = item.attrs.get("lora_rank", rank)
     if stored_rank != rank:
-        raise ImportError_(f"{where}: lora_rank attribute {stored_rank} != rank of the weights {rank}")
+        raise AdapterImportError(f"{where}: lora_rank attribute {stored_rank} != rank of the weights {rank}")
     stored = item.attrs.get("lora_alpha")
     if stored is None and alpha is None:
-        raise ImportError_(f"{where} does not record lora_alpha; pass alpha= (the value used in training, "
+        raise AdapterImportError(f"{where} does not record lora_alpha; pass alpha= (the value used in training, "
                            "the reference code's default is 32)")
     if stored is not None and alpha is not None and float(stored) != float(alpha):
-        raise ImportError_(f"{where} records lora_alpha={stored} but alpha={alpha} was given; drop the argument "
+        raise AdapterImportError(f"{where} records lora_alpha={stored} but alpha={alpha} was given; drop the argument "
                            "or pass the recorded value")
     return float(stored if stored is not None else alpha) / rank
 
@@ -119,12 +119,12 @@ def _pooler(gating: PickledModule, d: int, where: str) -> tuple[str, Tensor | No
     pooler = gating.children.get("pooler")
     kind = _POOLERS.get(pooler.kind) if pooler is not None else None
     if kind is None:
-        raise ImportError_(f"{where}.pooler is {None if pooler is None else pooler.cls}; expected one of "
+        raise AdapterImportError(f"{where}.pooler is {None if pooler is None else pooler.cls}; expected one of "
                            f"{list(_POOLERS)} (reference pooler types attn, last, avg)")
     if kind == "last" and pooler.attrs.get("num_prompt_tokens", 1) != 1:
-        raise ImportError_(f"{where}.pooler is LastPooler({pooler.attrs['num_prompt_tokens']}); only 1 is supported")
+        raise AdapterImportError(f"{where}.pooler is LastPooler({pooler.attrs['num_prompt_tokens']}); only 1 is supported")
     if kind == "mean" and pooler.attrs.get("output_size", 1) not in (1, (1,)):
-        raise ImportError_(f"{where}.pooler is AdaptiveAvgPool1d({pooler.attrs['output_size']}); only 1 is supported")
+        raise AdapterImportError(f"{where}.pooler is AdaptiveAvgPool1d({pooler.attrs['output_size']}); only 1 is supported")
     if kind != "attention":
         return kind, None
     linear = _child(pooler, "attn_vector", "Linear", f"{where}.pooler")
@@ -138,14 +138,14 @@ def _activation(gating: PickledModule, where: str) -> tuple[str, Tensor | None, 
         return "identity", None, None
     kind = _ACTIVATIONS.get(act.kind)
     if kind is None or (kind == "gelu" and act.attrs.get("approximate", "none") != "none"):
-        raise ImportError_(f"{where}.intermediate_act_fn is {act.cls} {act.attrs.get('approximate', '')}; expected "
+        raise AdapterImportError(f"{where}.intermediate_act_fn is {act.cls} {act.attrs.get('approximate', '')}; expected "
                            "exact GELU, ReLU, Rational or none")
     if kind != "rational":
         return kind, None, None
     fn = act.attrs.get("activation_function")
     if isinstance(fn, GlobalRef) and not fn.name.endswith("Rational_PYTORCH_B_F"):
         # Versions A, C, D of the Pade unit have other denominators than 1 + |Q(x)|.
-        raise ImportError_(f"{where}.intermediate_act_fn uses {fn.name}; only the 'safe' version B "
+        raise AdapterImportError(f"{where}.intermediate_act_fn uses {fn.name}; only the 'safe' version B "
                            "(Rational_PYTORCH_B_F, R = P / (1 + |Q|)) is supported")
     num = _tensor(act, "numerator", (6,), f"{where}.intermediate_act_fn")
     den = _tensor(act, "denominator", (4,), f"{where}.intermediate_act_fn")
@@ -167,7 +167,7 @@ def _the_same(values: list[Any], what: str, path: Path) -> Any:
         for layer, v in enumerate(values):
             groups.setdefault(str(v), []).append(layer)
         seen = "; ".join(f"{v} in layers {_ranges(layers)}" for v, layers in groups.items())
-        raise ImportError_(f"{path}: layers differ in {what} ({seen}); expected one {what} for every layer (the MiLoRA "
+        raise AdapterImportError(f"{path}: layers differ in {what} ({seen}); expected one {what} for every layer (the MiLoRA "
                            f"adapter format has one per adapter). Fix: retrain the checkpoint with the same {what} "
                            "in every layer")
     return values[0]
@@ -192,7 +192,7 @@ def _router(gatings: list[PickledModule], d: int, path: Path) -> tuple[dict[str,
         gate = _child(gating, "lora_gate", "LoRAGate", where)
         experts = gate.attrs.get("num_experts", NUM_EXPERTS)
         if experts != NUM_EXPERTS:
-            raise ImportError_(f"{where}.lora_gate has num_experts={experts}, expected {NUM_EXPERTS}")
+            raise AdapterImportError(f"{where}.lora_gate has num_experts={experts}, expected {NUM_EXPERTS}")
         tensors[router_tensor_name(layer, "weight")] = _tensor(gate, "w_gate", (d, NUM_EXPERTS), where).t().contiguous()
         noise = gate.tensors.get("w_noise")
         if noise is not None:
@@ -238,7 +238,7 @@ def import_reference_checkpoint(base_model_or_dims: Any, checkpoint_dir: str | P
     paths = [checkpoint_dir / MODULES_FILE, checkpoint_dir / GATINGS_FILE]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise ImportError_(f"{checkpoint_dir} is not a reference-code checkpoint: {missing} missing "
+        raise AdapterImportError(f"{checkpoint_dir} is not a reference-code checkpoint: {missing} missing "
                            f"(expected {MODULES_FILE} and {GATINGS_FILE})")
     modules, gatings = (load_pickled_modules(p) for p in paths)
     pairs = _lora_pairs(modules, base, alpha, paths[0])
@@ -261,6 +261,6 @@ def import_reference_checkpoint(base_model_or_dims: Any, checkpoint_dir: str | P
                               activation_position="pre_pool", gate_mode="renormalized", lb_loss="cv2",
                               notes=notes, **options)
     except ConfigError as exc:  # e.g. a top_k outside 1..7: say which checkpoint it came from
-        raise ImportError_(f"{checkpoint_dir}: {exc}") from None
+        raise AdapterImportError(f"{checkpoint_dir}: {exc}") from None
     tensors.update(router_tensors)
     return ImportedAdapter(config, base, tensors)
