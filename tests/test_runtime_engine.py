@@ -31,11 +31,15 @@ def greedy(n=NEW):
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
-def check_equal(ref, got, label):
+def check_equal(ref, got, label) -> bool:
+    """Tokens equal the reference's; False (not compared) only when the reference met a near-tie
+    on the way, where rounding may legitimately pick the other token. Callers assert that most
+    comparisons happened, so a filter that leaves nothing compared fails."""
     tokens, margin = ref
-    if margin < NEAR_TIE:  # rounding may legitimately flip a near-tie; count it, don't compare
-        pytest.skip(f"{label}: reference top-2 margin {margin:.2e} is a near-tie")
+    if margin < NEAR_TIE:
+        return False
     assert got == tokens, f"{label}: runtime {got} != reference {tokens}"
+    return True
 
 
 @pytest.mark.parametrize("tenant", TENANTS)
@@ -43,9 +47,9 @@ def test_each_tenant_alone_equals_reference(exported, references, tenant):
     _, out_dir = exported
     prompts, refs = references
     engine = Engine(out_dir, max_batch=1)
-    for i, p in enumerate(prompts[tenant]):
-        req = engine.generate(tenant, prompt_ids=p, params=greedy())
-        check_equal(refs[(tenant, i)], req.output_ids, f"{tenant} prompt {i}")
+    compared = [check_equal(refs[(tenant, i)], engine.generate(tenant, prompt_ids=p, params=greedy()).output_ids,
+                            f"{tenant} prompt {i}") for i, p in enumerate(prompts[tenant])]
+    assert sum(compared) >= 2, f"{tenant}: only {sum(compared)} of {len(compared)} prompts compared (near-ties)"
 
 
 @pytest.mark.parametrize("max_batch", [3, 8])
@@ -55,13 +59,17 @@ def test_mixed_batches_equal_reference(exported, references, max_batch):
     prompts, refs = references
     engine = Engine(out_dir, max_batch=max_batch)
     order = [(t, i) for i in range(3) for t in TENANTS]  # interleave tenants
-    reqs = {key: engine.submit(key[0], prompt_ids=prompts[key[0]][key[1]],
-                               params=greedy(NEW - (hash(key) % 3))) for key in order}
+    # Different lengths, so rows leave at different steps and others join (fixed per key).
+    reqs = {key: engine.submit(key[0], prompt_ids=prompts[key[0]][key[1]], params=greedy(NEW - (n % 3)))
+            for n, key in enumerate(order)}
     engine.run_until_done()
+    compared = 0
     for key, req in reqs.items():
         tokens, margin = refs[key]
         if margin >= NEAR_TIE:
             assert req.output_ids == tokens[: len(req.output_ids)], f"{key}"
+            compared += 1
+    assert compared >= len(reqs) - 2, f"only {compared} of {len(reqs)} requests compared (near-ties)"
     assert engine.stats()["running"] == 0
 
 
@@ -119,10 +127,12 @@ def test_eviction_pinning_and_runtime_added_tenants(exported, references, tmp_pa
     engine.remove_tenant("gamma")
     engine.add_tenant("gamma", model_dir / "adapters" / "gamma")  # from the adapter directory
     engine.pin("alpha")
+    compared = 0
     for t in ("beta", "gamma", "delta", "beta", "gamma"):
         req = engine.generate(t, prompt_ids=prompts[t][0], params=greedy())
-        check_equal(refs[(t, 0)], req.output_ids, t)
+        compared += check_equal(refs[(t, 0)], req.output_ids, t)
         assert "alpha" in engine.tenants.slots()
+    assert compared >= 4
     with pytest.raises(TenantError, match="unknown tenant"):
         engine.submit("nobody", prompt_ids=[5])
 
