@@ -11,14 +11,14 @@ from milora.errors import CapacityError, NumericalError, OverloadError, RequestE
 from milora.format import manifest as mf
 from milora.runtime import Engine, SamplingParams
 from milora.runtime.sampling import SamplingError
-from runtime_helpers import export_tiny, random_prompts
+from runtime_helpers import random_prompts
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("rt_errors"))
+def exported(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from milora.runtime import Engine, SamplingParams
 from milora.runtime.detokenize import IncrementalDetokenizer
-from runtime_helpers import export_tiny
 
 CORPUS = ["Grüße aus Zürich: ½ Käse, 3 × Brot — und 🍕🍕 für alle!", "naïve café résumé déjà vu", "日本語のテキストです。",
           "def f(x):\n    return x ** 2  # ok", "The answer is 42.\n\nThe answer is 43."] * 20
@@ -69,8 +68,8 @@ def test_word_level_incremental_equals_full_decode():
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("detok"))[1]
+def out_dir(tiny_export):
+    return tiny_export[1]
 
 
 def test_engine_text_is_the_decoded_output(out_dir):

@@ -7,7 +7,7 @@ import pytest
 
 from milora.errors import CapacityError, ManifestError, TenantError
 from milora.runtime import Engine, SamplingParams
-from runtime_helpers import export_tiny, random_prompts, reference_greedy
+from runtime_helpers import random_prompts, reference_greedy
 
 TENANTS = ("alpha", "beta", "gamma", "delta")
 NEW = 6
@@ -15,8 +15,8 @@ NEAR_TIE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("rt"))
+def exported(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

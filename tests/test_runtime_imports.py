@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 
-from runtime_helpers import export_tiny
 
 BLOCKED = ("torch", "transformers", "milora.model", "milora.export", "milora.train", "milora.assets")
 
@@ -25,8 +24,8 @@ BLOCKER = textwrap.dedent(f"""
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("no_torch"))[1]
+def out_dir(tiny_export):
+    return tiny_export[1]
 
 
 def test_runtime_imports_no_torch_or_transformers():

@@ -18,7 +18,6 @@ from milora.format import manifest as mf
 from milora.format.config import MiloraConfig
 from milora.format.tolerances import tolerance
 from milora.runtime import Engine, SamplingParams
-from runtime_helpers import export_tiny
 
 # Four exported tenants (4 slots + the base) and three more added from adapter directories.
 EXTRA = {"eps": MiloraConfig(rank=2, alpha=4, top_k=2), "zeta": MiloraConfig(rank=4, alpha=4, pooler="last"),
@@ -30,9 +29,9 @@ NEAR_TIE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tiny_export, tmp_path_factory):
     root = tmp_path_factory.mktemp("iso_prop")
-    model_dir, out_dir = export_tiny(root)
+    model_dir, out_dir = tiny_export
     for i, (name, cfg) in enumerate(EXTRA.items()):
         tenant(40 + i, config=cfg).save_adapter(root / name)
     engines = []

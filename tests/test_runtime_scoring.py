@@ -11,12 +11,12 @@ import torch
 from milora.runtime import Engine
 from milora.runtime.scoring import evaluate_mc, score_options
 from milora.format.tolerances import close
-from runtime_helpers import export_tiny, random_prompts
+from runtime_helpers import random_prompts
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("score"))
+def exported(tiny_export):
+    return tiny_export
 
 
 def reference_scores(model_dir, tenant, prompt, options):

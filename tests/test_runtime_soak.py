@@ -14,7 +14,6 @@ import pytest
 from helpers import tenant
 from milora.format.config import MiloraConfig
 from milora.runtime import Engine, SamplingParams
-from runtime_helpers import export_tiny
 
 CLIENTS = 16
 REQUESTS = 1000
@@ -23,9 +22,9 @@ TENANTS = [None, "alpha", "beta", "gamma", "delta", "eps", "zeta"]  # 6 tenants 
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
+def out_dir(tiny_export, tmp_path_factory):
     root = tmp_path_factory.mktemp("soak")
-    _, out = export_tiny(root)
+    _, out = tiny_export
     for i, name in enumerate(("eps", "zeta")):
         tenant(60 + i, config=MiloraConfig(rank=2, alpha=4, top_k=2)).save_adapter(root / name)
     return root, out

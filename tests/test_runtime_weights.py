@@ -13,12 +13,12 @@ from milora.errors import ManifestError
 from milora.format import manifest as mf
 from milora.runtime.ort_backend import OrtBackend
 from milora.format.tolerances import close
-from runtime_helpers import export_tiny, random_prompts
+from runtime_helpers import random_prompts
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("rtw"), decode_steps=1)
+def exported(tiny_export):
+    return tiny_export
 
 
 def test_sessions_share_mapped_weights(exported):
