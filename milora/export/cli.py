@@ -9,7 +9,9 @@ from pathlib import Path
 
 from milora.cli_errors import ArgumentParser, cli_main
 from milora.errors import UsageError
+from milora.export.exporter import TARGETS, ExportOptions
 from milora.export.lowering import DEFAULT_LOWERING, LOWERINGS
+from milora.format import manifest as mf
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,20 +24,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", nargs="?", type=Path, help="output directory (must be empty unless --force)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="add tenant NAME from adapter DIR (MiLoRA, PEFT LoRA or reference-code checkpoint)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="graph dtype (routers stay fp32)")
-    p.add_argument("--opset", type=int, default=18)
+    d = ExportOptions()  # the defaults are the API's own, never retyped here
+    p.add_argument("--dtype", default={"float32": "fp32", "float16": "fp16"}[d.dtype], choices=["fp32", "fp16"],
+                   help="graph dtype (routers stay fp32)")
+    p.add_argument("--opset", type=int, default=d.opset, help=f"(default {d.opset})")
     p.add_argument("--slots", type=int, default=None, help="adapter slots incl. slot 0 (default: tenants + 1)")
     p.add_argument("--lora-lowering", default=DEFAULT_LOWERING, choices=LOWERINGS,
                    help=f"routed-LoRA lowering for onnxruntime (default {DEFAULT_LOWERING}, chosen by measurement)")
-    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    p.add_argument("--prefill-logits", default="last", choices=["last", "all"],
+    p.add_argument("--target", default=d.target, choices=list(TARGETS))
+    p.add_argument("--prefill-logits", default=d.prefill_logits, choices=list(mf.LOGITS_POSITIONS),
                    help="prefill logits for the last position only [B,1,V] (default: what serving needs) or "
                         "for every prompt position [B,T,V] (scoring prompts)")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation against PyTorch")
     p.add_argument("--python-op", action="store_true",
                    help="validate a --target tensorrt graph with the Python RoutedLora (fp32) instead of its "
                         "function body")
-    p.add_argument("--decode-steps", type=int, default=3, help="decode steps checked by the validation")
+    p.add_argument("--decode-steps", type=int, default=d.decode_steps,
+                   help=f"decode steps checked by the validation (default {d.decode_steps})")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch intra-op threads for tracing and the reference (default: torch's; 1 is much "

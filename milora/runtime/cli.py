@@ -12,6 +12,7 @@ malformed JSONL line) prints one message and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -20,7 +21,12 @@ from pathlib import Path
 
 from milora.cli_errors import ArgumentParser, cli_main, positive
 from milora.errors import MiloraError, UsageError
+from milora.runtime.engine import Engine
 from milora.runtime.sampling import SamplingParams
+
+# Engine's keyword defaults, read from its signature so the CLI cannot drift from the API.
+ENGINE_DEFAULTS = {n: p.default for n, p in inspect.signature(Engine.__init__).parameters.items()
+                   if p.default is not inspect.Parameter.empty}
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
 
@@ -39,17 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", action="store_true", help="apply the tokenizer's chat template to --prompt")
     p.add_argument("--output", type=Path, help="--batch: write results as JSONL here (default: stdout)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    d = SamplingParams()  # the defaults are the API's own, never retyped here
+    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"(default {d.max_new_tokens})")
+    s.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (the default)")
+    s.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
+    s.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
+    s.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help=f"1 = off (default {d.repetition_penalty})")
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     r = p.add_argument_group("runtime")
     r.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated onnxruntime providers")
     r.add_argument("--threads", type=int, help="intra-op threads")
-    r.add_argument("--max-batch", type=int, default=8)
+    r.add_argument("--max-batch", type=int, default=ENGINE_DEFAULTS["max_batch"],
+                   help=f"(default {ENGINE_DEFAULTS['max_batch']})")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of OUT_DIR's files")
     r.add_argument("--share-weights", action="store_true",
                    help="load the weights once for both graphs (~40%% less memory, slower decode on CPU)")
@@ -65,7 +74,6 @@ def _params(args, overrides: dict | None = None) -> SamplingParams:
 
 def _engine(args):
     from milora.errors import ManifestError
-    from milora.runtime.engine import Engine
 
     try:
         return Engine(args.out_dir, providers=args.providers.split(","), max_batch=args.max_batch,
