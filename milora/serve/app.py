@@ -236,7 +236,10 @@ def create_app(out_dir: str | Path | None = None, *, backend: Backend | None = N
             ok, reason = be.ready()
             if not ok:
                 raise not_ready(reason, cfg.retry_after_s)
-            gen = await be.generate(call)
+            gen = await asyncio.wait_for(be.generate(call), cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            metrics.requests.labels(label, kind, "timeout").inc()
+            raise _timeout() from None
         except (ApiError, MiloraError) as exc:
             err = from_milora(exc, cfg.retry_after_s)
             metrics.requests.labels(label, kind, f"rejected_{err.status}").inc()
@@ -252,6 +255,11 @@ def create_app(out_dir: str | Path | None = None, *, backend: Backend | None = N
             return StreamingResponse(_stream(run, builder, usage), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _whole(request, run, builder, headers)
+
+    def _timeout() -> ApiError:
+        return ApiError(504, f"the request did not finish within {cfg.request_timeout_s:g} s (the server's request "
+                        "timeout) and was cancelled; ask for fewer tokens or retry later", "timeout_error",
+                        code="timeout")
 
     class _Run:
         """One accepted request: its Deltas, timing and outcome metrics."""
@@ -269,9 +277,7 @@ def create_app(out_dir: str | Path | None = None, *, backend: Backend | None = N
             except StopAsyncIteration:
                 return None
             except asyncio.TimeoutError:
-                raise ApiError(504, f"the request did not finish within {cfg.request_timeout_s:g} s (the server's "
-                               "request timeout) and was cancelled; ask for fewer tokens or retry later",
-                               "timeout_error", code="timeout") from None
+                raise _timeout() from None
             if d.tokens and not self.first_token:
                 self.first_token = True
                 metrics.ttft.labels(self.kind).observe(time.perf_counter() - self.t0)

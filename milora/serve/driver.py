@@ -162,6 +162,7 @@ class EngineDriver:
         self._active: set[TokenStream] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.received = 0  # requests handed to submit() so far
         self.tokens_total = 0
         self.steps_total = 0
         self.step_failures = 0
@@ -196,6 +197,7 @@ class EngineDriver:
             if self._stopping or self._thread is None:
                 raise EngineFailure("the engine is not running (the server is starting or shutting down); retry")
             self._inbox.append(stream)
+            self.received += 1
             self._cv.notify()
         try:
             stream.prompt_tokens = await stream.accepted

@@ -244,7 +244,11 @@ class RayBackend(Backend):
 
     async def _start(self, call: GenerateCall):
         gen = self.handle.options(multiplexed_model_id=call.tenant or "", stream=True).generate.remote(call)
-        first = await gen.__anext__()
+        try:
+            first = await gen.__anext__()
+        except asyncio.CancelledError:  # timeout or client gone before the replica answered
+            gen.cancel()
+            raise
         if "error" in first:
             raise first["error"]
         self.replica_stats[first["replica"]] = first["stats"]
