@@ -216,3 +216,52 @@ def test_watched_directory_adds_and_removes_tenants(exported, tmp_path):
         assert "packed" in models()
         with pytest.raises(openai.NotFoundError):
             ask("fresh")
+
+
+def test_a_corrupt_tenant_fails_alone_with_a_clean_500(exported, tmp_path):
+    """A slot pack full of NaN: its request ends with 500 numerical_error (no traceback); a request
+    of another tenant sent at the same time is answered as usual."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    _, out_dir = exported
+    pack = load_file(str(out_dir / "adapters" / "beta.safetensors"))
+    save_file({k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in pack.items()},
+              str(tmp_path / "poison.safetensors"))
+    with ServerThread(create_app(out_dir, max_batch=4)) as server:
+        client = make_client(server)
+        assert httpx2.post(server.url + "/admin/tenants",
+                           json={"name": "poison", "source": str(tmp_path / "poison.safetensors")}).status_code == 201
+        ask = lambda m: client.completions.create(model=m, prompt="w5 w6", max_tokens=4, temperature=0)  # noqa: E731
+        alone = ask("alpha").choices[0].text
+        with engine_of(server)._lock:  # both reach the driver before it can step
+            threads, results = in_threads(lambda: ask("poison"), lambda: ask("alpha"))
+            assert wait_until(lambda: driver_of(server).received >= 3)
+        for t in threads:
+            t.join(60)
+        bad, good = results
+        assert isinstance(bad, openai.InternalServerError) and bad.code == "numerical_error"
+        assert "poison" in bad.message and "Traceback" not in bad.response.text
+        assert good.choices[0].text == alone
+        assert wait_until(lambda: empty(server))
+
+
+def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(exported, monkeypatch):
+    with ServerThread(create_app(exported[1], max_batch=2)) as server:
+        client = make_client(server)
+        engine = engine_of(server)
+        real_step = engine.step
+        calls = {"n": 0}
+
+        def failing_step():
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected onnxruntime failure")
+            return real_step()
+
+        monkeypatch.setattr(engine, "step", failing_step)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="gamma", prompt="w5", max_tokens=4)
+        assert err.value.code == "engine_failure" and "injected" in err.value.message
+        assert client.completions.create(model="gamma", prompt="w5", max_tokens=4).choices[0].text
+        assert wait_until(lambda: empty(server))

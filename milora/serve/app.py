@@ -346,6 +346,16 @@ def create_app(out_dir: str | Path | None = None, *, backend: Backend | None = N
                     run.end("timeout")
                     yield _sse(exc.body())
                     return
+                except MiloraError as exc:
+                    run.end("error")
+                    yield _sse(from_milora(exc, cfg.retry_after_s).body())
+                    return
+                except Exception as exc:  # noqa: BLE001 - headers are sent: report it in the stream
+                    log.error("stream failed", exc_info=exc)
+                    run.end("error")
+                    yield _sse(ApiError(500, f"internal error ({type(exc).__name__}); the server's log has the "
+                                        "details", "server_error", code="internal_error").body())
+                    return
                 if d is None:
                     break
                 if d.error is not None:

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         from milora.serve.app import create_app
 
         app = create_app(args.out_dir, config=config, **engine_options(args))
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
     except MiloraError as exc:
         print(f"milora-serve: error: {exc}", file=sys.stderr)
         return 2

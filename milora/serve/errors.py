@@ -75,15 +75,3 @@ def from_milora(exc: Exception, retry_after: int = 1) -> ApiError:
         return ApiError(500, msg, "server_error", code="engine_failure")
     return ApiError(500, msg, "server_error", code=type(exc).__name__)
 
-
-_KINDS = {c.__name__: c for c in (MiloraError, CapacityError, ManifestError, NumericalError, OverloadError,
-                                   RequestError, TenantError, SamplingError, ReplicaLostError, EngineFailure)}
-
-
-def error_to_wire(exc: Exception) -> dict[str, str]:
-    """A typed error as plain data (it crosses process boundaries on Ray)."""
-    return {"kind": type(exc).__name__, "message": str(exc)}
-
-
-def error_from_wire(data: dict[str, str]) -> MiloraError:
-    return _KINDS.get(data.get("kind", ""), MiloraError)(data.get("message", "unknown error"))
