@@ -233,20 +233,27 @@ def prepare(rebuild: bool = False) -> Path:
     return out
 
 
-def report(results: dict, args) -> str:
+def report(runs: dict[str, list[dict]], args) -> str:
+    """Medians per mode, and the server/in-process ratios of each round's adjacent pair (load
+    from other jobs drifts between rounds, less within a pair)."""
+    results = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "load"} |
+               {"load": "/".join(str(r["load"]) for r in rs)} for mode, rs in runs.items()}
     lines = [f"{args.clients} concurrent clients, {args.requests} requests x {args.tokens} tokens, max_batch "
-             f"{args.max_batch}, medians of {args.repeats} fresh-process runs",
+             f"{args.max_batch}, medians of {len(runs['inproc'])} fresh-process runs per mode",
              "", "| mode | tokens/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 | engine-process CPU s "
-             "per 1k tokens | load before |", "|---|---|---|---|---|---|---|---|"]
+             "per 1k tokens | load before each run |", "|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         lines.append(f"| {mode} | {r['tok_s']:.1f} | {r['latency_p50']:.2f} s | {r['latency_p99']:.2f} s | "
                      f"{1000 * r['ttft_p50']:.0f} ms | {1000 * r['ttft_p99']:.0f} ms | "
                      f"{1000 * r['engine_cpu_s'] / r['tokens']:.1f} | {r['load']} |")
-    if {"inproc", "server"} <= set(results):
-        i, s = results["inproc"], results["server"]
-        lines.append(f"\nserver vs in-process: throughput {100 * (1 - s['tok_s'] / i['tok_s']):+.1f}% cost; CPU per "
-                     f"token of the serving process {100 * (s['engine_cpu_s'] / i['engine_cpu_s'] - 1):+.1f}% "
-                     f"(its clients used {1000 * s['client_cpu_s'] / s['tokens']:.1f} CPU s per 1k tokens more)")
+    pairs = list(zip(runs["inproc"], runs["server"]))
+    tput = [s["tok_s"] / i["tok_s"] for i, s in pairs]
+    cpu = [s["engine_cpu_s"] / i["engine_cpu_s"] for i, s in pairs]
+    client = statistics.median(1000 * s["client_cpu_s"] / s["tokens"] for _, s in pairs)
+    lines.append(f"\nserver / in-process, per round: throughput {' '.join(f'{x:.2f}' for x in tput)} (median "
+                 f"{statistics.median(tput):.2f}); CPU per token of the serving process "
+                 f"{' '.join(f'{x:.2f}' for x in cpu)} (median {statistics.median(cpu):.2f}); the HTTP clients "
+                 f"used {client:.2f} CPU s per 1k tokens besides")
     return "\n".join(lines)
 
 
@@ -264,7 +271,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--from-json", type=Path, help="print the report of a saved --json file and exit")
     args = p.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        for k in ("clients", "requests", "tokens", "max_batch"):
+            setattr(args, k, saved["args"][k])
+        print(report(saved["runs"], args))
+        return
     if args.worker:
         result = worker_inproc(args) if args.worker == "inproc" else worker_client(args)
         args.result.write_text(json.dumps(result))
@@ -279,12 +293,10 @@ def main() -> None:
             runs[mode].append(r)
             print(f"round {rnd + 1} {mode}: {r['tok_s']:.1f} tok/s, p50 {r['latency_p50']:.2f} s, "
                   f"TTFT p50 {1000 * r['ttft_p50']:.0f} ms (load {load})", file=sys.stderr)
-    results = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "load"} |
-               {"load": "/".join(r["load"] for r in rs)} for mode, rs in runs.items()}
-    print(report(results, args))
+    print(report(runs, args))
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-                                         "medians": results}, indent=1))
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs},
+                                        indent=1))
 
 
 if __name__ == "__main__":
