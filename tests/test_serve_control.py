@@ -219,19 +219,31 @@ def test_watched_directory_adds_and_removes_tenants(exported, tmp_path):
 
 
 def test_a_corrupt_tenant_fails_alone_with_a_clean_500(exported, tmp_path):
-    """A slot pack full of NaN: its request ends with 500 numerical_error (no traceback); a request
-    of another tenant sent at the same time is answered as usual."""
+    """A slot pack full of NaN is refused when added (400 naming the tenant). One whose banks
+    turn NaN in memory afterwards: its request ends with 500 numerical_error (no traceback); a
+    request of another tenant sent at the same time is answered as usual."""
+    import shutil
+
     import numpy as np
     from safetensors.numpy import load_file, save_file
+
+    from milora.format import manifest as mf
 
     _, out_dir = exported
     pack = load_file(str(out_dir / "adapters" / "beta.safetensors"))
     save_file({k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in pack.items()},
-              str(tmp_path / "poison.safetensors"))
+              str(tmp_path / "nan.safetensors"))
+    shutil.copy(out_dir / "adapters" / "beta.safetensors", tmp_path / "poison.safetensors")
     with ServerThread(create_app(out_dir, max_batch=4)) as server:
         client = make_client(server)
+        refused = httpx2.post(server.url + "/admin/tenants", json={"name": "nan", "source": str(tmp_path / "nan.safetensors")})
+        assert refused.status_code == 400 and "NaN" in refused.text and "'nan'" in refused.text
         assert httpx2.post(server.url + "/admin/tenants",
                            json={"name": "poison", "source": str(tmp_path / "poison.safetensors")}).status_code == 201
+        engine = engine_of(server)
+        with engine._lock:
+            slot = engine.tenants.pin("poison")
+            engine.backend.banks[mf.lora_b_bank("down_proj")][slot] = np.nan
         ask = lambda m: client.completions.create(model=m, prompt="w5 w6", max_tokens=4, temperature=0)  # noqa: E731
         alone = ask("alpha").choices[0].text
         with engine_of(server)._lock:  # both reach the driver before it can step

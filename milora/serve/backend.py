@@ -132,13 +132,10 @@ class LocalBackend(Backend):
     # ---- tenants at run time (admin endpoint, watched directory) ----
 
     def add_tenant_now(self, name: str, source: str | Path, pin: bool = False) -> None:
-        """Register a tenant from an adapter directory or a slot pack (validated now)."""
+        """Register a tenant from an adapter directory or a slot pack (Engine.add_tenant reads and
+        checks either now: shapes, base, finite values)."""
         check_tenant_name(name, self.base_model_id)
         path = Path(source)
-        if adapter_kind(path) == "pack":
-            from milora.export.banks import load_pack
-
-            load_pack(path, self.engine.bundle.manifest)  # refuse a pack that does not fit these banks now
         with self._names_lock:
             if name in self._names:
                 raise TenantError(f"tenant {name!r} is already registered; remove it first to replace it")

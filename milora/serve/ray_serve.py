@@ -217,7 +217,7 @@ class RayBackend(Backend):
 
     def __init__(self, runtime_handle, out_dir: str | Path, adapters_dir: str | Path | None = None,
                  base_model_id: str = "base", retries: int = 1):
-        from milora.export.manifest import read_manifest
+        from milora.format.manifest import read_manifest
 
         super().__init__(base_model_id)
         self.handle = runtime_handle
@@ -290,7 +290,7 @@ def ingress_deployment():
 
 def build_app(out_dir: str | Path, opts: RayOptions, config, engine_options: dict[str, Any]):
     """The Ray Serve application: MiloraIngress in front of MiloraRuntime."""
-    from milora.export.manifest import read_manifest
+    from milora.format.manifest import read_manifest
 
     out_dir = Path(out_dir).resolve()
     if config.watch_dir is not None:
