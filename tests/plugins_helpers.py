@@ -51,3 +51,17 @@ def run_json(args: list[str], interpret: bool, timeout: float = 600) -> dict:
     if proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_EXPORTS: dict[str, Path] = {}
+
+
+def tensorrt_export(tmp_path_factory) -> tuple[Path, Path]:
+    """(model_dir, out_dir) of the tiny export with --target tensorrt (runtime_helpers.export_tiny),
+    made once per test session and shared by the plugins tests (about 10 s)."""
+    if "tensorrt" not in _EXPORTS:
+        from runtime_helpers import export_tiny
+
+        model_dir, out_dir = export_tiny(tmp_path_factory.mktemp("trt_export"), target="tensorrt")
+        _EXPORTS["tensorrt"], _EXPORTS["model"] = out_dir, model_dir
+    return _EXPORTS["model"], _EXPORTS["tensorrt"]

@@ -185,6 +185,21 @@ def check_out_of_range_slot_fails_only_its_row():
                                atol=2e-5, rtol=2e-5)
 
 
+def check_out_parameter():
+    """The TensorRT plugin's just-in-time path writes into TensorRT's output buffer: a separate
+    tensor (out of place) or base_out itself (aliased, in place)."""
+    x, base, a, b, slots, gates = make_problem(11, B=4, T=2, d_in=12, d_out=10, R=3, active=1.0)
+    slots[:] = torch.tensor([1, 0, 2, 1])
+    out = torch.full_like(base, 7.0)
+    assert ops.routed_lora(x, base, a, b, slots, gates, 1, 2, out=out) is out
+    assert_matches_contract(out, (x, base, a, b, slots, gates), 1, 2)
+    same = base.clone()
+    ops.routed_lora(x, same, a, b, slots, gates, 1, 2, out=same)
+    torch.testing.assert_close(same, out, atol=0, rtol=0)
+    with raises(RequestError, match=r"out must be a contiguous torch.float32 tensor of shape \[4, 2, 10\]"):
+        ops.routed_lora(x, base, a, b, slots, gates, 1, 2, out=out[:, :1])
+
+
 def check_bad_inputs_are_request_errors():
     x, base, a, b, slots, gates = make_problem(10, B=2, T=2, d_in=8, d_out=6, R=2)
     with raises(RequestError, match=r"base_out d_out is 6, expected 7"):

@@ -74,24 +74,30 @@ def _launch(x, base_out, lora_a, lora_b, slots, layer_gates, y, p: launch.Proble
 
 
 def routed_lora(x, base_out, lora_a, lora_b, slots, layer_gates, layer: int, expert: int,
-                tactic: int | None = None) -> torch.Tensor:
+                tactic: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = base_out + gate[b] * (x[b] @ A[slot[b], layer]) @ B[slot[b], layer] for rows whose slot is
-    not 0 and whose gate is not 0 (NaN counts as on); base_out elsewhere. A new tensor."""
+    not 0 and whose gate is not 0 (NaN counts as on); base_out elsewhere. A new tensor, or
+    `out` (contiguous, base_out's shape and dtype; `out` sharing base_out's memory = in place)."""
     p = _check(x, base_out, lora_a, lora_b, slots, layer_gates, layer, expert)
-    y = torch.empty_like(base_out, memory_format=torch.contiguous_format)
-    _launch(x, base_out, lora_a, lora_b, slots, layer_gates, y, p, tactic, in_place=False)
-    return y
+    if out is None:
+        out = torch.empty_like(base_out, memory_format=torch.contiguous_format)
+    elif out.shape != base_out.shape or out.dtype != base_out.dtype or not out.is_contiguous():
+        raise RequestError(f"routed_lora: out must be a contiguous {base_out.dtype} tensor of shape "
+                           f"{list(base_out.shape)}, got {out.dtype} {list(out.shape)} (contiguous: {out.is_contiguous()})")
+    in_place = out.data_ptr() == base_out.data_ptr()
+    if in_place and not base_out.is_contiguous():
+        raise RequestError("routed_lora: base_out must be contiguous to be updated in place")
+    _launch(x, base_out, lora_a, lora_b, slots, layer_gates, out, p, tactic, in_place=in_place)
+    return out
 
 
 def routed_lora_(x, base_out, lora_a, lora_b, slots, layer_gates, layer: int, expert: int,
                  tactic: int | None = None) -> torch.Tensor:
     """routed_lora written into base_out (which must be contiguous); returns base_out."""
-    p = _check(x, base_out, lora_a, lora_b, slots, layer_gates, layer, expert)
-    if not base_out.is_contiguous():
+    if isinstance(base_out, torch.Tensor) and not base_out.is_contiguous():
         raise RequestError("routed_lora_: base_out must be contiguous to be updated in place; call "
                            "routed_lora (a new tensor) instead")
-    _launch(x, base_out, lora_a, lora_b, slots, layer_gates, base_out, p, tactic, in_place=True)
-    return base_out
+    return routed_lora(x, base_out, lora_a, lora_b, slots, layer_gates, layer, expert, tactic=tactic, out=base_out)
 
 
 def plugin_contract(x, base_out, lora_a, lora_b, slots, layer_gates, layer: int, expert: int) -> torch.Tensor:
