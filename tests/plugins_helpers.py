@@ -65,3 +65,43 @@ def tensorrt_export(tmp_path_factory) -> tuple[Path, Path]:
         model_dir, out_dir = export_tiny(tmp_path_factory.mktemp("trt_export"), target="tensorrt")
         _EXPORTS["tensorrt"], _EXPORTS["model"] = out_dir, model_dir
     return _EXPORTS["model"], _EXPORTS["tensorrt"]
+
+
+class OrtStandInRunner:
+    """Stands in for a TensorRT engine in the backend's tests: runs the same ONNX graph with
+    onnxruntime (its function body for milora::RoutedLora) on the tensors bound in a HostDevice,
+    exactly as TensorRT would read and write them (shapes per call, outputs into bound buffers)."""
+
+    def __init__(self, path: Path, device, manifest: dict, graph: str):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.device, self.manifest, self.graph = device, manifest, graph
+        self.calls: list[dict[str, tuple]] = []
+
+    def run(self, shapes, addresses, stream):
+        import numpy as np
+
+        from milora.plugins.binding import NP_DTYPES
+
+        dtypes = {t["name"]: NP_DTYPES[t["dtype"]] for side in ("inputs", "outputs")
+                  for t in self.manifest["graphs"][self.graph][side]}
+        assert set(shapes) == {i.name for i in self.session.get_inputs()}, "every input gets a shape per call"
+        feeds = {n: np.array(self.device.view(addresses[n], s, dtypes[n])) for n, s in shapes.items()}
+        names = [o.name for o in self.session.get_outputs()]
+        assert set(names) <= set(addresses), "every output is bound"
+        for name, value in zip(names, self.session.run(names, feeds)):
+            self.device.view(addresses[name], value.shape, dtypes[name])[...] = value
+        self.calls.append(dict(shapes))
+
+
+def stand_in_backend(bundle, limits: dict):
+    """A TensorRTBackend on host memory whose engines are onnxruntime sessions of the same graphs."""
+    from milora.plugins.device import HostDevice
+    from milora.plugins.trt_backend import TensorRTBackend
+
+    dev = HostDevice()
+    runners = {g: OrtStandInRunner(bundle.root / bundle.manifest["graphs"][g]["file"], dev, bundle.manifest, g)
+               for g in ("prefill", "decode")}
+    return TensorRTBackend(bundle.root, bundle.manifest, pad_token_id=bundle.pad_token_id, runners=runners,
+                           device=dev, limits=limits)

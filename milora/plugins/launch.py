@@ -183,7 +183,7 @@ INPUT_RANKS = (3, 3, 4, 4, 1, 2)  # routed_lora.SPEC inputs, in order
 
 
 def check_ranks(ranks: list[int]) -> None:
-    from milora.export import routed_lora as rl
+    from milora.plugins import op_spec as rl
 
     names = [n for n, _, _ in rl.SPEC["inputs"]]
     if len(ranks) != len(INPUT_RANKS):

@@ -15,7 +15,7 @@ import os
 from typing import Any, Callable
 
 from milora.errors import EngineBuildError
-from milora.export import routed_lora as rl
+from milora.plugins import op_spec as rl
 from milora.plugins import launch
 
 PLUGIN_ID = f"{rl.PLUGIN_NAMESPACE}::{rl.OP_TYPE}"

@@ -21,7 +21,7 @@ from typing import Any
 
 from milora.errors import EngineBuildError, UsageError
 from milora.export import manifest as mf
-from milora.export import routed_lora as rl
+from milora.plugins import op_spec as rl
 
 GRAPHS = ("prefill", "decode")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "fp8")
