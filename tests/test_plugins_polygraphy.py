@@ -131,3 +131,20 @@ def test_polygraphy_compares_onnxruntime_and_tensorrt(export, graph):
     proc = polygraphy("run", export / f"{graph}.onnx", "--onnxrt", "--trt", "--data-loader-script", script,
                       "--trt-config-script", f"{script}:trt_config", "--atol", "1e-4", "--rtol", "1e-3", timeout=900)
     assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
+def test_reduce_preparation_and_the_plugin_registering_wrapper(export, tmp_path):
+    """The documented `debug reduce` flow up to its check command, on CPU: save inputs and every
+    tensor, merge them, and run the wrapper (polygraphy with the plugin registered) on them."""
+    script = export / loader_file("decode")
+    proc = polygraphy("run", export / "decode.onnx", "--onnxrt", "--data-loader-script", script,
+                      "--save-inputs", tmp_path / "inputs.json", "--onnx-outputs", "mark", "all",
+                      "--save-outputs", tmp_path / "layerwise.json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    merged = polygraphy("data", "merge", tmp_path / "inputs.json", tmp_path / "layerwise.json",
+                        "-o", tmp_path / "layerwise_inputs.json")
+    assert merged.returncode == 0, merged.stdout[-2000:] + merged.stderr[-2000:]
+    wrapped = subprocess.run([sys.executable, "-m", "milora.plugins.polygraphy_cli", "run", str(export / "decode.onnx"),
+                              "--onnxrt", "--load-inputs", str(tmp_path / "layerwise_inputs.json")],
+                             capture_output=True, text=True, env=python_env(False), cwd=ROOT, timeout=300)
+    assert wrapped.returncode == 0 and "PASSED" in wrapped.stdout + wrapped.stderr, wrapped.stderr[-2000:]
