@@ -14,10 +14,24 @@ from milora.plugins import plugin_spec as spec
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 NEEDS_TRT = pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (it needs an NVIDIA GPU; pip install "
-                               "'milora[tensorrt]'): this test registers milora::RoutedLora with tensorrt.plugin, "
-                               "builds a one-node engine and compares it with the PyTorch reference")
+                               "'milora[tensorrt,kernels]'): this registers milora::RoutedLora with tensorrt.plugin "
+                               "(and builds a one-node engine to compare with the PyTorch reference)")
 GOOD_TYPES = ["HALF", "HALF", "HALF", "HALF", "INT64", "FLOAT"]
 RANKS = [3, 3, 4, 4, 1, 2]
+
+
+def test_op_spec_reads_the_exporters_constants_without_torch():
+    import subprocess
+    import sys
+
+    from milora.plugins import op_spec
+    from plugins_helpers import ROOT, python_env
+
+    for name in op_spec.NAMES:
+        assert getattr(op_spec, name) == getattr(rl, name), name
+    code = ("import sys; from milora.plugins import op_spec; assert op_spec.OP_TYPE; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], env=python_env(False), cwd=ROOT).returncode == 0
 
 
 def test_names_come_from_the_exporters_spec():
@@ -123,3 +137,53 @@ def test_plugin_registers_under_the_exporters_name():
     trt_plugin.register()  # idempotent
     creator = trt.get_plugin_registry().get_creator(rl.OP_TYPE, spec.PLUGIN_VERSION, rl.PLUGIN_NAMESPACE)
     assert creator is not None
+
+
+@pytest.mark.tensorrt
+@NEEDS_TRT
+@pytest.mark.parametrize("plugin", ["aot", "jit"])
+def test_one_node_engine_matches_the_reference(tmp_path, plugin):
+    """A graph of one milora::RoutedLora node (as --target tensorrt writes it) built into an
+    engine with the AOT kernel (and the JIT one), run on a mixed batch: equal to the reference
+    on active rows and base_out bit for bit on the others."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    from milora.export.lowering import keep_as_plugin
+    from milora.plugins import profiles as pf
+    from milora.plugins import trt_plugin
+    from milora.plugins.build import _build_one
+
+    B, T, d_in, d_out, R, S, L = 5, 3, 64, 48, 16, 4, 2
+    vi = helper.make_tensor_value_info
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [vi("x", f, [B, T, d_in]), vi("base_out", f, [B, T, d_out]), vi("lora_A", f, [S, L, d_in, R]),
+              vi("lora_B", f, [S, L, R, d_out]), vi("tenant_slots", i64, [B]), vi("layer_gates", f, [B, 7])]
+    node = helper.make_node(rl.OP_TYPE, [v.name for v in inputs], ["y"], domain=rl.DOMAIN, layer=1, expert=3)
+    graph = helper.make_graph([node], "one", inputs, [vi("y", f, [B, T, d_out])])
+    model = keep_as_plugin(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                                   helper.make_opsetid(rl.DOMAIN, 1)]))
+    onnx.save(model, str(tmp_path / "one.onnx"))
+    import tensorrt as trt
+
+    trt_plugin.register()
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in inputs}
+    profile = {n: (s, s, s) for n, s in shapes.items()}
+    plan = {"strongly_typed": True, "flags": [], "clear_flags": ["TF32"]}
+    data = _build_one(trt, trt.Logger(trt.Logger.WARNING), tmp_path / "one.onnx", profile, plan,
+                      pf.BuildOptions(plugin=plugin), tmp_path / "timing.cache")
+    g = torch.Generator().manual_seed(0)
+    x, base = torch.randn(B, T, d_in, generator=g), torch.randn(B, T, d_out, generator=g)
+    a, b = torch.randn(S, L, d_in, R, generator=g) / 8, torch.randn(S, L, R, d_out, generator=g)
+    a[0], b[0] = 0, 0
+    slots, gates = torch.tensor([1, 0, 2, 3, 1]), torch.rand(B, 7, generator=g) + 0.1
+    gates[4, 3] = 0
+    feeds = {"x": x, "base_out": base, "lora_A": a, "lora_B": b, "tenant_slots": slots, "layer_gates": gates}
+    with TrtRunner(EngineFromBytes(data)) as runner:
+        y = runner.infer({n: v.numpy() for n, v in feeds.items()})["y"]
+    want = rl.routed_lora_reference(x, base, a, b, slots, gates, 1, 3).numpy()
+    np.testing.assert_allclose(y[[0, 2, 3]], want[[0, 2, 3]], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(y[[1, 4]], base.numpy()[[1, 4]])

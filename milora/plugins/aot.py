@@ -103,7 +103,7 @@ class Artefact:
                 "ptx_bytes": len(self.ptx), "cubin_bytes": len(self.cubin), "triton": self.triton_version}
 
 
-def compile_kernel(dtype: str, tactic: int, rank: int, capability: int, in_place: bool = True,
+def compile_kernel(dtype: str, tactic: int, rank: int, capability: int,
                    divisible: dict[str, int] | None = None) -> Artefact:
     """Compile routed_lora_kernel for one (dtype, tactic, padded rank, GPU) without a GPU."""
     triton, ast_source, gpu_target = _triton()
@@ -112,7 +112,7 @@ def compile_kernel(dtype: str, tactic: int, rank: int, capability: int, in_place
     sig = signature(dtype)
     params = launch.kernel_params(tactic, rank, dtype)
     attrs = divisibility_hints(sig, divisible)
-    constexprs = dict(params.constexprs(), IN_PLACE=in_place, DOT_F32=False)
+    constexprs = dict(params.constexprs(), DOT_F32=False)
     full_sig = dict(sig, **{k: "constexpr" for k in constexprs})
     src = ast_source(fn=routed_lora_kernel, signature=full_sig, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=gpu_target("cuda", capability, 32),

@@ -19,9 +19,9 @@ Per program (b, tile of BLOCK_T tokens, tile of BLOCK_N output columns):
             u += x[b, tile, k:k+BLOCK_K] @ A[k:k+BLOCK_K, :R]
         u = u * g
         y[b, tile, cols] = base_out[b, tile, cols] + u @ B[:R, cols]     # expand
-    elif not IN_PLACE:
+    elif y is not base_out:
         y[b, tile, cols] = base_out[b, tile, cols]        # inactive row: a copy, no LoRA bytes
-    (IN_PLACE: y is base_out; an inactive row is not touched at all)
+    (y is base_out, in place: an inactive row is not touched at all)
 
 Slot 0 is the base model (all-zero banks): its rows are skipped whatever the gate, so they are
 base_out bit for bit. A row whose gate is 0 is skipped even if its tenant's banks hold NaN
@@ -47,7 +47,7 @@ def routed_lora_kernel(x_ptr, base_ptr, a_ptr, b_ptr, slots_ptr, gates_ptr,
                        B, T, D_IN, D_OUT, R, S, L, G, layer, expert,
                        y_ptr,
                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                       IN_PLACE: tl.constexpr, DOT_F32: tl.constexpr):
+                       DOT_F32: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     pid_t = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -60,6 +60,10 @@ def routed_lora_kernel(x_ptr, base_ptr, a_ptr, b_ptr, slots_ptr, gates_ptr,
     n_ok = n < D_OUT
     out_off = (row * T + t[:, None]) * D_OUT + n[None, :]  # [BLOCK_T, BLOCK_N] into base_out / y
     out_ok = t_ok[:, None] & n_ok[None, :]
+    # In place (y aliases base_out: TensorRT's aliased output) inactive rows need no copy. Decided
+    # from the addresses at run time, so one compiled kernel is right whether or not the caller
+    # (or TensorRT) aliased the output.
+    in_place = base_ptr.to(tl.int64, bitcast=True) == y_ptr.to(tl.int64, bitcast=True)
 
     if (slot < 0) | (slot >= S):
         # Never fed by milora's runtimes (they check slots first); reading another tenant's or
@@ -105,6 +109,6 @@ def routed_lora_kernel(x_ptr, base_ptr, a_ptr, b_ptr, slots_ptr, gates_ptr,
             acc = tl.dot(u.to(bn.dtype), bn)
         base = tl.load(base_ptr + out_off, mask=out_ok, other=0.0)
         tl.store(y_ptr + out_off, (base.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=out_ok)
-    elif not IN_PLACE:
+    elif not in_place:
         base = tl.load(base_ptr + out_off, mask=out_ok, other=0.0)
         tl.store(y_ptr + out_off, base, mask=out_ok)

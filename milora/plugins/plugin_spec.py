@@ -36,7 +36,8 @@ AUTOTUNE_TYPES = [(DATA_POSITIONS, "FP32|FP16|BF16"), ([SLOT_POSITION], "INT64")
 
 # In place (the default) the output is aliased to base_out, so a row that does not use the
 # module costs nothing. MILORA_TRT_OUT_OF_PLACE=1 registers a separate output instead (the
-# kernel then copies base_out for those rows); read once, when the plugin is registered.
+# kernel sees the addresses differ and copies base_out for those rows); read once, when the
+# plugin is registered.
 OUT_OF_PLACE_ENV = "MILORA_TRT_OUT_OF_PLACE"
 
 

@@ -59,8 +59,7 @@ def _check(x, base_out, lora_a, lora_b, slots, layer_gates, layer, expert) -> la
     return p
 
 
-def _launch(x, base_out, lora_a, lora_b, slots, layer_gates, y, p: launch.Problem, tactic: int | None,
-            in_place: bool) -> None:
+def _launch(x, base_out, lora_a, lora_b, slots, layer_gates, y, p: launch.Problem, tactic: int | None) -> None:
     params = launch.kernel_params(tactic or launch.default_tactic(p.T), p.R, str(x.dtype).removeprefix("torch."))
     if p.B == 0 or p.T == 0 or p.D_OUT == 0:
         return
@@ -69,7 +68,7 @@ def _launch(x, base_out, lora_a, lora_b, slots, layer_gates, y, p: launch.Proble
     # take fp16/bf16 directly).
     dot_f32 = interpreted()
     _kernels().routed_lora_kernel[launch.grid(p.B, p.T, p.D_OUT, params)](
-        *args, *p.scalars(), y, **params.constexprs(), IN_PLACE=in_place, DOT_F32=dot_f32,
+        *args, *p.scalars(), y, **params.constexprs(), DOT_F32=dot_f32,
         **({} if dot_f32 else {"num_warps": params.num_warps, "num_stages": params.num_stages}))
 
 
@@ -84,10 +83,10 @@ def routed_lora(x, base_out, lora_a, lora_b, slots, layer_gates, layer: int, exp
     elif out.shape != base_out.shape or out.dtype != base_out.dtype or not out.is_contiguous():
         raise RequestError(f"routed_lora: out must be a contiguous {base_out.dtype} tensor of shape "
                            f"{list(base_out.shape)}, got {out.dtype} {list(out.shape)} (contiguous: {out.is_contiguous()})")
-    in_place = out.data_ptr() == base_out.data_ptr()
-    if in_place and not base_out.is_contiguous():
+    if out.data_ptr() == base_out.data_ptr() and not base_out.is_contiguous():
         raise RequestError("routed_lora: base_out must be contiguous to be updated in place")
-    _launch(x, base_out, lora_a, lora_b, slots, layer_gates, out, p, tactic, in_place=in_place)
+    # The kernel sees in place from the addresses (out is base_out): inactive rows are then untouched.
+    _launch(x, base_out, lora_a, lora_b, slots, layer_gates, out, p, tactic)
     return out
 
 

@@ -68,16 +68,16 @@ def aot_kernel(dtype: str, tactic: int, rank: int, divisible: dict[str, int]):
     from milora.plugins import aot
 
     cap, params = capability(), launch.kernel_params(tactic, rank, dtype)
-    key = (dtype, tactic, params.R_PAD, cap, spec.in_place(), tuple(sorted(divisible.items())))
+    key = (dtype, tactic, params.R_PAD, cap, tuple(sorted(divisible.items())))
     if key not in _KERNELS:
         _KERNELS[key] = _precompiled(cap, dtype, tactic, params) or aot.compile_kernel(
-            dtype, tactic, rank, cap, in_place=spec.in_place(), divisible=divisible)
+            dtype, tactic, rank, cap, divisible=divisible)
     return _KERNELS[key]
 
 
 def _precompiled(cap: int, dtype: str, tactic: int, params: launch.KernelParams):
     root = os.environ.get(AOT_DIR_ENV)
-    if not root or not spec.in_place():
+    if not root:
         return None
     from types import SimpleNamespace
 
