@@ -85,6 +85,12 @@ def test_autotune_covers_every_position_once_and_every_tactic():
     assert dict((tuple(g), t) for g, t in spec.AUTOTUNE_TYPES)[tuple(spec.DATA_POSITIONS)] == "FP32|FP16|BF16"
 
 
+def test_unknown_tactics_fall_back_to_a_decode_shape():
+    assert spec.known_tactic(5) == 5
+    for t in (0, None, 99):
+        assert launch.TACTICS[spec.known_tactic(t)].decode
+
+
 def test_in_place_is_the_default(monkeypatch):
     monkeypatch.delenv(spec.OUT_OF_PLACE_ENV, raising=False)
     assert spec.in_place()

@@ -71,6 +71,12 @@ def tactic_ids() -> list[int]:
     return list(launch.TACTICS)
 
 
+def known_tactic(tactic) -> int:
+    """The tactic TensorRT picked, or (when it passes none, e.g. 0) a decode shape: every tactic
+    is correct for every T, so the fallback only costs speed."""
+    return tactic if tactic in launch.TACTICS else launch.DECODE_TACTICS[-1]
+
+
 def kernel_dtype(trt_type_name: str) -> str:
     if trt_type_name not in DATA_TYPES:
         raise EngineBuildError(f"{PLUGIN_ID} has no kernel for {trt_type_name}; expected one of {sorted(DATA_TYPES)}")

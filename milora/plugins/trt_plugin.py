@@ -120,10 +120,12 @@ def register() -> None:
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             ts = [torch.as_tensor(t, device="cuda") for t in (x, base_out, lora_A, lora_B, tenant_slots, layer_gates)]
-            torch_ops.routed_lora(*ts, layer, expert, tactic=tactic, out=torch.as_tensor(outputs[0], device="cuda"))
+            torch_ops.routed_lora(*ts, layer, expert, tactic=spec.known_tactic(tactic),
+                                  out=torch.as_tensor(outputs[0], device="cuda"))
 
     @trtp.aot_impl(spec.PLUGIN_ID)
     def _aot_impl(x, base_out, lora_A, lora_B, tenant_slots, layer_gates, layer: int, expert: int, outputs, tactic):
+        tactic = spec.known_tactic(tactic)
         dtype = spec.kernel_dtype(x.dtype.name)
         rank = spec.static_dim(_dim(lora_A, 3), "the rank of lora_A (its last axis)")
         divisible = {n: d for n, d in (("D_IN", _dim(x, 2)), ("D_OUT", _dim(base_out, 2))) if isinstance(d, int)}
