@@ -111,3 +111,13 @@ class SlotLoadError(TenantError):
     def __init__(self, message: str, cause: MiloraError | None = None):
         super().__init__(message)
         self.cause = cause
+
+
+class DependencyError(MiloraError):
+    """An optional dependency a feature needs is missing or unusable (TensorRT, triton, a CUDA
+    device); the message names what to install."""
+
+
+class EngineBuildError(MiloraError):
+    """A TensorRT engine cannot be built or loaded: an option the graph cannot take (int8 without
+    Q/DQ nodes), an ONNX parse failure, a profile outside the model's limits."""

