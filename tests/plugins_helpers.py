@@ -82,7 +82,7 @@ class OrtStandInRunner:
     def run(self, shapes, addresses, stream):
         import numpy as np
 
-        from milora.plugins.binding import NP_DTYPES
+        from milora.format.manifest import NP_DTYPES
 
         dtypes = {t["name"]: NP_DTYPES[t["dtype"]] for side in ("inputs", "outputs")
                   for t in self.manifest["graphs"][self.graph][side]}

@@ -24,6 +24,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from milora.format.adapter import module_dims
 from milora.format.contract import EXPERTS, NUM_EXPERTS
 from milora.errors import ManifestError
@@ -41,6 +43,9 @@ WEIGHTS_FILE = "weights.onnx.data"
 PACK_DIR = "adapters"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+# Dtype names used in manifest.json (banks, graph IO) and their numpy types.
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 # ---- graph IO names ----
 INPUT_IDS = "input_ids"

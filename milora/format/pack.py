@@ -22,7 +22,7 @@ from milora.format import manifest as mf
 from milora.format.finite import check_finite
 from milora.format.config import MiloraConfig
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+from milora.format.manifest import NP_DTYPES
 
 
 def tenant_options(config: MiloraConfig) -> dict[str, int]:

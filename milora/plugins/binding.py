@@ -20,9 +20,10 @@ import numpy as np
 
 from milora.errors import CapacityError
 from milora.format import manifest as mf
+from milora.format.manifest import NP_DTYPES
 from milora.plugins.profiles import Range, axis_values, resolve
 
-NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "int64": np.dtype(np.int64)}
+
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def plan(manifest: dict, graph: str, batch: int, tokens: int, past: int = 0) -> 
     """{"inputs": [...], "outputs": [...]} of one call, in the manifest's order."""
     a = axes(manifest, batch, tokens, past)
     spec = manifest["graphs"][graph]
-    return {side: [TensorSpec(t["name"], resolve(t["shape"], a, t["name"]), NP_DTYPES[t["dtype"]]) for t in spec[side]]
+    return {side: [TensorSpec(t["name"], resolve(t["shape"], a, t["name"]), np.dtype(NP_DTYPES[t["dtype"]])) for t in spec[side]]
             for side in ("inputs", "outputs")}
 
 
@@ -78,7 +79,7 @@ def bank_layout(manifest: dict) -> dict[str, tuple[TensorSpec, int]]:
     """Per bank: (its whole [S, ...] tensor, bytes of one slot); slot s starts at s * bytes."""
     out = {}
     for name, b in manifest["banks"].items():
-        t = TensorSpec(name, (manifest["slots"], *b["shape"]), NP_DTYPES[b["dtype"]])
+        t = TensorSpec(name, (manifest["slots"], *b["shape"]), np.dtype(NP_DTYPES[b["dtype"]]))
         out[name] = (t, t.nbytes // manifest["slots"])
     return out
 

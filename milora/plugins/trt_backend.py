@@ -102,7 +102,7 @@ class TensorRTBackend:
             device = CudaDevice()
         self.runners, self.dev, self.limits = runners, device, limits
         self.slots, self.num_layers = manifest["slots"], manifest["base"]["num_layers"]
-        self.dtype = bd.NP_DTYPES[manifest["dtype"]]
+        self.dtype = np.dtype(bd.NP_DTYPES[manifest["dtype"]])
         self.past_names = [n for i in range(self.num_layers) for n in (mf.past_key(i), mf.past_value(i))]
         self.present_names = [n for i in range(self.num_layers) for n in (mf.present_key(i), mf.present_value(i))]
         self.banks = {}

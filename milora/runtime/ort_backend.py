@@ -19,7 +19,7 @@ import numpy as np
 
 from milora.errors import ManifestError, RequestError
 from milora.format import manifest as mf
-from milora.format.pack import NP_DTYPES
+from milora.format.manifest import NP_DTYPES
 from milora.runtime.weights import map_shared_initializers
 
 
