@@ -59,16 +59,6 @@ def test_failure_mid_export_leaves_nothing(model_dir, tmp_path, capsys, monkeypa
     assert not (tmp_path / "out").exists() and _no_partials(tmp_path)
 
 
-def test_flavour_fused_where_it_cannot_apply(model_dir, tmp_path, capsys):
-    """Row 85: the tiny model's head dim is 8 (GroupQueryAttention needs a multiple of 16); every
-    other reason is listed too, and nothing is written."""
-    out = tmp_path / "out"
-    _fails(capsys, [str(model_dir), str(out), "--quiet", "--flavour", "fused", "--target", "tensorrt",
-                    "--prefill-logits", "all"],
-           "--flavour fused does not apply", "head", "target tensorrt", "--prefill-logits all", "--flavour portable")
-    assert not out.exists() and _no_partials(tmp_path)
-
-
 def test_flavour_choice_reaches_the_manifest(tmp_path, capsys):
     """--flavour portable on a model that auto would export fused (head dim 16), and auto picks fused."""
     from milora.format import manifest as mf
