@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 def backend(root: Path, threads: int | None, share_weights: bool = False):
-    from milora.export import manifest as mf
+    from milora.format import manifest as mf
     from milora.runtime.ort_backend import OrtBackend
 
     return OrtBackend(root, mf.read_manifest(root), threads=threads, share_weights=share_weights)
@@ -56,7 +56,7 @@ def latency(configs: list[str], tokens: int, rounds: int, threads: int | None) -
                 times.setdefault(f"{name} prefill B={b}", []).append((time.perf_counter() - start) * 1e3)
                 for _ in range(2):
                     start = time.perf_counter()
-                    logits = be.decode(logits.argmax(-1), kv, np.zeros(b, np.int64), gates)
+                    logits = be.decode(logits.argmax(-1), kv, be.bind_rows(np.zeros(b, np.int64), gates))
                     times.setdefault(f"{name} decode B={b}", []).append((time.perf_counter() - start) * 1e3)
     return {k: round(statistics.median(v), 1) for k, v in sorted(times.items())}
 
@@ -73,7 +73,7 @@ def memory(root: Path, threads: int | None, share_weights: bool, tokens: int) ->
     prompts = np.random.default_rng(0).integers(100, 40000, (4, tokens)).tolist()
     logits, gates, kv = be.prefill(prompts, [0] * 4)
     for _ in range(4):
-        logits = be.decode(logits.argmax(-1), kv, np.zeros(4, np.int64), gates)
+        logits = be.decode(logits.argmax(-1), kv, be.bind_rows(np.zeros(4, np.int64), gates))
     disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     return {"dir": str(root), "share_weights": share_weights, "open_seconds": round(opened, 1),
             "after_open_mb": after_open, "after_run_mb": rss_mb(),

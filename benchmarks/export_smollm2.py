@@ -35,7 +35,7 @@ def make_tenants(model_dir: Path, work: Path) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from milora.model.config import MiloraConfig
+    from milora.format.config import MiloraConfig
     from milora.model.model import MiloraModel
 
     out = {}
@@ -70,8 +70,8 @@ def run_export(model_dir: Path, out: Path, adapters: dict[str, Path], *extra: st
 def decode_feeds(out: Path, batch: int, mix: bool, prompt: int = 16) -> tuple:
     """(decode session, feeds) after a prefill of `batch` rows: rows cycle over the tenants
     and the base model (mix) or all use slot 0."""
-    from milora.export.banks import assemble_banks, default_slots
-    from milora.export.manifest import read_manifest
+    from milora.format.pack import assemble_banks, default_slots
+    from milora.format.manifest import read_manifest
     from milora.export.validate import Row, run_graphs, sessions
 
     m = read_manifest(out)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from milora.assets import smollm2_dir
-from milora.contract import EXPERTS
-from milora.model.config import MiloraConfig
+from milora.format.contract import EXPERTS
+from milora.format.config import MiloraConfig
 from milora.model.model import MiloraModel
 from milora.train.data import load_task
 from milora.train.eval import evaluate_mc, paired_bootstrap

@@ -32,7 +32,7 @@ def make_adapters(base_dir: Path, root: Path, rank: int, kinds: dict[str, dict],
     import torch
     from transformers import AutoModelForCausalLM
 
-    from milora.model.config import MiloraConfig
+    from milora.format.config import MiloraConfig
     from milora.model.model import MiloraModel
 
     out = {}

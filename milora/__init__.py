@@ -6,7 +6,7 @@ The runtime side imports no torch; the PyTorch names below load lazily on first 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MiloraConfig": "milora.model.config",
+    "MiloraConfig": "milora.format.config",
     "MiloraModel": "milora.model.model",
     "add_milora": "milora.model.model",
     "load_milora": "milora.model.model",

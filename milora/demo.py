@@ -17,14 +17,13 @@ imports no torch: it runs the runtime.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from milora.errors import MiloraError
+from milora.cli_errors import ArgumentParser, cli_main, positive
 
 # Scoring: the first n test items of each tenant's task, the same items for tenant and base.
 # Sized to the time budget: a multiple-choice item costs a prefill per system; a math item a
@@ -220,8 +219,9 @@ def print_scores(raw: list[dict[str, Any]], cached: bool, tenants: dict[str, Pat
 # ---- main
 
 
+@cli_main("milora-demo")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="milora-demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="milora-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, help="cache directory (default $MILORA_CACHE or ~/.cache/milora)")
     p.add_argument("--per-tenant", type=int, default=1, help="questions served per tenant (default 1)")
     # 96: room for the math tenant's worked answer to reach "The answer is N." on the shown question.
@@ -229,15 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true",
                    help="train the tenants, export and score again even if cached (the base model is kept)")
     args = p.parse_args(argv)
-    bad = [f"--{n.replace('_', '-')} {v}" for n, v in (("per_tenant", args.per_tenant),
-                                                        ("max_new_tokens", args.max_new_tokens)) if v < 1]
-    if bad:
-        p.error(f"{', '.join(bad)}: expected an integer >= 1")
-    try:
-        run(args.cache, args.force, args.per_tenant, args.max_new_tokens)
-    except MiloraError as exc:
-        print(f"milora-demo: error: {exc}", file=sys.stderr)
-        return 2
+    positive("--per-tenant", args.per_tenant)
+    positive("--max-new-tokens", args.max_new_tokens)
+    from milora.assets import check_cache
+
+    check_cache(args.cache)
+    run(args.cache, args.force, args.per_tenant, args.max_new_tokens)
     return 0
 
 

@@ -106,8 +106,8 @@ def fingerprint(base: Path, tenants: dict[str, Path]) -> dict[str, Any]:
     files, the demo's export settings and the versions of the tools that write the graphs."""
     import importlib.metadata as md
 
-    from milora.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-    from milora.export.manifest import sha256_file
+    from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+    from milora.format.manifest import sha256_file
 
     def sha(path: Path) -> str:
         return sha256_file(path) if path.is_file() else "missing"
@@ -129,7 +129,7 @@ def fingerprint(base: Path, tenants: dict[str, Path]) -> dict[str, Any]:
 
 def export_is_current(out_dir: Path, fp: dict[str, Any]) -> bool:
     """The export exists, its files match its manifest (sha256) and it was made from `fp`."""
-    from milora.export.manifest import read_manifest, verify_files
+    from milora.format.manifest import read_manifest, verify_files
 
     if read_json(stamp_path(out_dir)) != fp:
         return False

@@ -11,7 +11,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Sequence
 
-from milora.contract import EXPERTS
+from milora.format.contract import EXPERTS
 
 # One letter per expert, in contract order: q k v o g(ate) u(p) d(own).
 EXPERT_LETTERS = tuple(name[0] for name in EXPERTS)

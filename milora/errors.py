@@ -23,11 +23,11 @@ class BaseMismatchError(MiloraError):
     """An adapter was trained for a base model whose dimensions differ from this one."""
 
 
-class ImportError_(MiloraError):
+class AdapterImportError(MiloraError):
     """A PEFT adapter or reference-code checkpoint cannot be imported."""
 
 
-class UnsafeCheckpointError(ImportError_):
+class UnsafeCheckpointError(AdapterImportError):
     """A pickled checkpoint refers to code outside the allowlist; it was not executed."""
 
 
@@ -83,3 +83,41 @@ class OverloadError(MiloraError):
 class NumericalError(MiloraError):
     """A request's own computation produced NaN or inf (its tenant's adapter or its input is
     corrupt). Only that request fails; every other row of the batch is unaffected."""
+
+
+class NonFiniteError(AdapterFormatError):
+    """An adapter or slot pack holds NaN or infinite values (LoRA A/B, router weights, pooler,
+    activation coefficients, noise weights). `problems` lists (tensor, NaN, +inf, -inf, size)."""
+
+    def __init__(self, message: str, problems: list[tuple[str, int, int, int, int]] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class UsageError(MiloraError):
+    """A command line is missing an argument, holds an unknown flag, a contradiction or a bad value."""
+
+
+class WriteError(MiloraError):
+    """An output could not be written (read-only location, full disk, ...); nothing half-written
+    was left behind."""
+
+
+class SlotLoadError(TenantError):
+    """A registered tenant's pack or adapter could not be loaded into a slot (changed on disk since
+    it was added: corrupt, non-finite, ...). Only that tenant's requests fail; `cause` holds the
+    underlying error (e.g. a NonFiniteError)."""
+
+    def __init__(self, message: str, cause: MiloraError | None = None):
+        super().__init__(message)
+        self.cause = cause
+
+
+class DependencyError(MiloraError):
+    """An optional dependency a feature needs is missing or unusable (TensorRT, triton, a CUDA
+    device); the message names what to install."""
+
+
+class EngineBuildError(MiloraError):
+    """A TensorRT engine cannot be built or loaded: an option the graph cannot take (int8 without
+    Q/DQ nodes), an ONNX parse failure, a profile outside the model's limits."""

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import randomize_adapter, tenant, tiny_llama, tiny_qwen2
-from milora.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from milora.errors import AdapterFormatError, BaseMismatchError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.model import add_milora, load_milora
 
 pytestmark = pytest.mark.core

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from milora.contract import EXPERTS
+from milora.format.contract import EXPERTS
 from milora.errors import ConfigError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 pytestmark = pytest.mark.core
 

@@ -1,6 +1,6 @@
-"""The router against hand computation (docs/MILORA.md, "Forward pass" and "Training").
+"""The router against hand computation (docs/method.md, "The router" and "Training").
 
-Every expected number here is computed in plain Python from the definitions in MILORA.md
+Every expected number here is computed in plain Python from the definitions in docs/method.md
 (lists and the math module), never by calling the code under test. Masked positions hold
 garbage, inf and nan included: a router that excluded them by multiplying with a 0/1 mask
 would turn them into nan, so these tests prove selection.
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.losses import cv2_loss, load_balancing_loss, switch_loss
 from milora.model.router import MiloraRouter, top_k_gates
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.core
 
 E = 7
 D = 3
-# MILORA.md's GELU and ReLU initialisations of the (5, 4) "safe" Pade unit, typed from the doc.
+# docs/method.md's GELU and ReLU initialisations of the (5, 4) "safe" Pade unit, typed from the doc.
 GELU_A = (-4.2211e-4, 0.49999956, 0.40270535, 0.07366977, -0.01295479, -0.00374140)
 GELU_B = (4.9585e-5, 0.14729774, 1.1646e-5, -0.00748387)
 RELU_A = (0.03389713, 0.49999854, 1.67013636, 1.99010216, 0.94130896, 0.15091334)
@@ -90,7 +90,7 @@ def hand_softmax(z: list[float]) -> list[float]:
 
 
 def hand_top_k(z: list[float], k: int) -> list[int]:
-    # Larger logit first; on equal logits the lower index first (MILORA.md, "Ties").
+    # Larger logit first; on equal logits the lower index first (docs/method.md, "Top-k and ties").
     return sorted(range(len(z)), key=lambda i: (-z[i], i))[:k]
 
 
@@ -135,7 +135,7 @@ def test_rational_activation_matches_hand_polynomial():
 
     got = rational(torch.tensor(xs, dtype=torch.float64), router.act_num.double(), router.act_den.double())
     assert got.tolist() == pytest.approx([hand_rational(x) for x in xs], rel=1e-6, abs=1e-7)  # coefficients are stored in fp32
-    # The GELU initialisation tracks GELU closely on [-3, 3] (MILORA.md says about [-4, 4]);
+    # The GELU initialisation tracks GELU closely on [-3, 3] (docs/method.md);
     # a wrong coefficient order or sign would not.
     for x in (-3.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0):
         assert float(got_at(router, x)) == pytest.approx(hand_act(x, "gelu"), abs=2e-3)
@@ -190,7 +190,7 @@ def test_gate_modes_match_hand_computation(mode, k):
     assert probs[0].tolist() == pytest.approx(hand_softmax(z), rel=1e-12)
     assert int((gates[0] != 0).sum()) == k
     if mode == "renormalized" or k == 7:
-        # k = 7 is not plain LoRA: gates still sum to 1 (MILORA.md).
+        # k = 7 is not plain LoRA: gates still sum to 1 (docs/method.md).
         assert float(gates.sum()) == pytest.approx(1.0, abs=1e-12)
 
 

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 
 from milora.errors import CapacityError, NumericalError, OverloadError, RequestError, TenantError
-from milora.export import manifest as mf
+from milora.format import manifest as mf
 from milora.runtime import Engine, SamplingParams
 from milora.runtime.sampling import SamplingError
-from runtime_helpers import export_tiny, random_prompts
+from runtime_helpers import random_prompts
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("rt_errors"))
+def exported(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_tenant_slot_out_of_range_is_refused_before_onnxruntime(engine, slot, mo
         engine.backend.prefill([[5, 6]], [slot])
     kv = engine.backend.empty_kv()
     with pytest.raises(RequestError, match="out of range"):
-        engine.backend.decode(np.array([5]), kv, np.array([slot]), np.zeros((1, 2, 7), np.float32))
+        engine.backend.decode(np.array([5]), kv, engine.backend.bind_rows(np.array([slot]), np.zeros((1, 2, 7), np.float32)))
     monkeypatch.undo()
     still_serving(engine)
 

@@ -11,13 +11,14 @@ import onnx
 import pytest
 
 from export_helpers import TENANTS, make_model_dir, save_peft
-from milora.contract import EXPERTS, NUM_EXPERTS
+from milora.format.contract import EXPERTS, NUM_EXPERTS
 from milora.errors import ExportError, ValidationError
-from milora.export import manifest as mf
-from milora.export.banks import assemble_banks, default_slots
+from milora.format import manifest as mf
+from milora.format.pack import assemble_banks, default_slots
 from milora.export.exporter import export, load_base
 from milora.export.tenants import load_tenants
 from milora.export.validate import Row, run_graphs, sessions, validate
+from milora.format.tolerances import close
 
 FAST = dict(progress=False, decode_steps=2)
 
@@ -255,9 +256,9 @@ def test_decode_graph_with_empty_past_equals_prefill(exported):
     real = mask.astype(bool)
     # The prefill graph's logits are the last position's, every row's last real token.
     assert res["prefill"][mf.LOGITS].shape == (3, 1, base["vocab_size"])
-    np.testing.assert_allclose(logits[:, -1], res["prefill"][mf.LOGITS][:, 0], atol=1e-5)
+    np.testing.assert_allclose(logits[:, -1], res["prefill"][mf.LOGITS][:, 0], **close("runtime", "logits"))
     np.testing.assert_allclose(key0.transpose(0, 2, 1, 3)[real], res["prefill"][mf.present_key(0)].transpose(0, 2, 1, 3)[real],
-                               atol=1e-5)
+                               **close("runtime", "present"))
 
 
 def test_qwen2_with_qkv_bias_exports_and_validates(tmp_path):
@@ -293,7 +294,7 @@ def test_prefill_logits_all_positions_option(src, exported, tmp_path):
     full = run_graphs(out, manifest, rows, sessions(out, manifest))["prefill"][mf.LOGITS]
     last = run_graphs(out_last, manifest_last, rows, sessions(out_last, manifest_last))["prefill"][mf.LOGITS]
     assert full.shape == (3, 5, manifest["base"]["vocab_size"]) and last.shape == (3, 1, full.shape[2])
-    np.testing.assert_allclose(full[:, -1:], last, atol=1e-5)
+    np.testing.assert_allclose(full[:, -1:], last, **close("runtime", "logits"))
     with pytest.raises(ExportError, match="prefill-logits"):
         export(model_dir, tmp_path / "bad", prefill_logits="first", **FAST)
 

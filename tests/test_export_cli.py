@@ -1,16 +1,14 @@
-"""milora-export's command line: every failure mode of the issue exits 2 with a clear message
-and no traceback, leaves no half-written OUT_DIR; --check refuses a tampered directory."""
+"""milora-export's command line: an export and its --check, a tampered directory, and a failure
+mid-export (exit 2, no half-written OUT_DIR). The other bad inputs are rows of the
+matrix in docs/errors.md, tested in tests/test_errors_*.py."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 
 from export_helpers import make_model_dir
-from helpers import tenant, tiny_llama
 from milora.export.cli import main
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 ONE = {"solo": MiloraConfig(rank=2, alpha=4, top_k=2)}
 
@@ -48,58 +46,6 @@ def test_export_then_check_then_tamper(model_dir, tmp_path, capsys):
            "export it again")
 
 
-def test_non_empty_out_dir_needs_force(model_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
-    _fails(capsys, [str(model_dir), str(out), "--no-validate", "--quiet"], "not empty", "--force")
-    assert (out / "keep.txt").read_text() == "user data"
-    assert main([str(model_dir), str(out), "--no-validate", "--quiet", "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
-
-
-def test_missing_model_dir(tmp_path, capsys):
-    _fails(capsys, [str(tmp_path / "nope"), str(tmp_path / "out")], "does not exist")
-    assert not (tmp_path / "out").exists()
-
-
-def test_corrupt_weights_file(model_dir, tmp_path, capsys):
-    bad = tmp_path / "model"
-    shutil.copytree(model_dir, bad)
-    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
-    _fails(capsys, [str(bad), str(tmp_path / "out")], "corrupt")
-    assert not (tmp_path / "out").exists() and _no_partials(tmp_path)
-
-
-def test_corrupt_adapter_file(model_dir, tmp_path, capsys):
-    bad = tmp_path / "model"
-    shutil.copytree(model_dir, bad)
-    (bad / "adapters" / "solo" / "milora_adapter.safetensors").write_bytes(b"\x00" * 10)
-    _fails(capsys, [str(bad), str(tmp_path / "out")], "milora_adapter.safetensors", "corrupt")
-    assert not (tmp_path / "out").exists() and _no_partials(tmp_path)
-
-
-def test_adapter_for_another_base(model_dir, tmp_path, capsys):
-    other = tenant(5, builder=lambda seed: tiny_llama(seed, layers=3), config=MiloraConfig(rank=2, alpha=2))
-    other.save_adapter(tmp_path / "other")
-    _fails(capsys, [str(model_dir), str(tmp_path / "out"), "--adapter", f"x={tmp_path / 'other'}"],
-           "another base model", "num_layers")
-    assert not (tmp_path / "out").exists() and _no_partials(tmp_path)
-
-
-def test_unsupported_architecture(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    _fails(capsys, [str(tmp_path / "gpt2"), str(tmp_path / "out")], "GPT2LMHeadModel", "LlamaForCausalLM")
-
-
-def test_more_tenants_than_slots(tmp_path, capsys):
-    md = make_model_dir(tmp_path, {"a": MiloraConfig(rank=2, alpha=2), "b": MiloraConfig(rank=2, alpha=2)})
-    _fails(capsys, [str(md), str(tmp_path / "out"), "--slots", "2"], "2 tenants", "--slots 3")
-    assert not (tmp_path / "out").exists() and _no_partials(tmp_path)
-
-
 def test_failure_mid_export_leaves_nothing(model_dir, tmp_path, capsys, monkeypatch):
     """A failure after graphs were written (here: validation) removes the temporary dir."""
     from milora.errors import ValidationError
@@ -113,5 +59,13 @@ def test_failure_mid_export_leaves_nothing(model_dir, tmp_path, capsys, monkeypa
     assert not (tmp_path / "out").exists() and _no_partials(tmp_path)
 
 
-def test_malformed_adapter_option(model_dir, tmp_path, capsys):
-    _fails(capsys, [str(model_dir), str(tmp_path / "out"), "--adapter", "nodir"], "NAME=DIR")
+def test_flavour_choice_reaches_the_manifest(tmp_path, capsys):
+    """--flavour portable on a model that auto would export fused (head dim 16), and auto picks fused."""
+    from milora.format import manifest as mf
+
+    src = make_model_dir(tmp_path / "src", ONE, hidden=64)
+    for flavour, expected in (("portable", mf.FLAVOUR_PORTABLE), ("auto", mf.FLAVOUR_FUSED)):
+        out = tmp_path / flavour
+        assert main([str(src), str(out), "--quiet", "--decode-steps", "1", "--flavour", flavour]) == 0
+        assert mf.read_manifest(out)["flavour"] == expected
+    capsys.readouterr()

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from helpers import tenant, tiny_llama
-from milora.contract import GATE_FLOOR
-from milora.export import manifest as mf
+from milora.format.contract import GATE_FLOOR
+from milora.format import manifest as mf
 from milora.export.exporter import export, load_base
 from milora.export.tenants import load_tenants
 from milora.export.validate import Row, run_graphs, sessions
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.router import top_k_gates
 from runtime_helpers import add_word_tokenizer
 
@@ -42,7 +42,7 @@ def _scale_routers(directory, factor: float) -> None:
     """Multiply an adapter's router weights by factor: margins of thousands of logits."""
     from safetensors.numpy import load_file, save_file
 
-    from milora.contract import ADAPTER_WEIGHTS_FILE
+    from milora.format.contract import ADAPTER_WEIGHTS_FILE
 
     path = directory / ADAPTER_WEIGHTS_FILE
     tensors = load_file(str(path))

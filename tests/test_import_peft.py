@@ -10,10 +10,11 @@ import pickle
 import pytest
 import torch
 
-from milora.errors import BaseMismatchError, ImportError_
+from milora.errors import BaseMismatchError, AdapterImportError
 from milora.model.importers import convert_to_milora, import_peft_adapter, load_peft_adapter
 from milora.model.inject import base_info
 from milora.model.model import MiloraModel
+from milora.format.tolerances import close
 from tests.helpers import tiny_llama, tiny_qwen2
 from tests.import_helpers import llama
 
@@ -54,7 +55,7 @@ def test_plain_lora_matches_peft(builder, tmp_path):
     assert not model.config.routed
     assert (model.config.rank, model.config.alpha) == (4, 8.0)  # uniform: kept as trained, not folded
     assert not model.config.notes["scales_folded_into_B"]
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
     # The adapter really changes the output (a fresh MiLoRA adapter with B = 0 would not).
     assert (our_logits(model) - base_logits).abs().max() > 1e-2
     gates = model(IDS, MASK).routing.gates
@@ -71,7 +72,7 @@ def test_rslora_on_some_modules_and_layers(builder, tmp_path):
     # Layer 0 was not targeted: its tensors are zero, so it gets no update.
     assert not tensors["layers.0.q_proj.lora_B"].any() and tensors["layers.1.q_proj.lora_B"].any()
     model = load_peft_adapter(builder(), src)
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
     gates = model(IDS, MASK).routing.gates[0, 0]
     assert gates.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]  # fixed gates of 1 on its modules only
 
@@ -87,7 +88,7 @@ def test_rank_and_alpha_patterns_fold_exactly(builder, tmp_path):
     # down_proj of layer 1 has rank 2: its columns 2.. are zero padding.
     assert tensors["layers.1.down_proj.lora_B"][:, :2].any() and not tensors["layers.1.down_proj.lora_B"][:, 2:].any()
     model = load_peft_adapter(builder(), src)
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
 
 
 def test_converted_directory_round_trips(tmp_path):
@@ -97,8 +98,8 @@ def test_converted_directory_round_trips(tmp_path):
     # Converting only reads the base: it is still a plain HF model afterwards.
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear"
     model = MiloraModel.from_pretrained(base, out)
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ImportError_, match="not an empty directory"):
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
+    with pytest.raises(AdapterImportError, match="not an empty directory"):
         convert_to_milora(src, out, tiny_qwen2())
 
 
@@ -121,33 +122,33 @@ def edit_config(src, **changes):
 
 def test_dora_is_refused(tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path, use_dora=True)
-    with pytest.raises(ImportError_, match="use_dora.*DoRA"):
+    with pytest.raises(AdapterImportError, match="use_dora.*DoRA"):
         import_peft_adapter(tiny_llama(), src)
 
 
 @pytest.mark.parametrize("extra", ["lm_head", "embed_tokens"])
 def test_targets_outside_the_seven_are_refused(extra, tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path, target_modules=["q_proj", extra])
-    with pytest.raises(ImportError_, match=f"outside the 7.*{extra}"):
+    with pytest.raises(AdapterImportError, match=f"outside the 7.*{extra}"):
         import_peft_adapter(tiny_llama(), src)
 
 
 def test_foreign_tensors_are_refused_even_when_the_config_hides_them(tmp_path):
     # A regex target list cannot be checked by name; the tensors in the file still can.
     src, _ = make_peft(tiny_llama, tmp_path, target_modules=r".*(q_proj|lm_head)")
-    with pytest.raises(ImportError_, match="lm_head.lora_A"):
+    with pytest.raises(AdapterImportError, match="lm_head.lora_A"):
         import_peft_adapter(tiny_llama(), src)
 
 
 def test_bias_training_is_refused(tmp_path):
     src, _ = make_peft(tiny_qwen2, tmp_path, bias="lora_only")
-    with pytest.raises(ImportError_, match="bias"):
+    with pytest.raises(AdapterImportError, match="bias"):
         import_peft_adapter(tiny_qwen2(), src)
 
 
 def test_modules_to_save_is_refused(tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path, modules_to_save=["lm_head"])
-    with pytest.raises(ImportError_, match="modules_to_save"):
+    with pytest.raises(AdapterImportError, match="modules_to_save"):
         import_peft_adapter(tiny_llama(), src)
 
 
@@ -155,14 +156,14 @@ def test_non_lora_peft_types_are_refused(tmp_path):
     model = peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                              feedforward_modules=["down_proj"]))
     model.save_pretrained(tmp_path / "ia3")
-    with pytest.raises(ImportError_, match="only LoRA.*IA3"):
+    with pytest.raises(AdapterImportError, match="only LoRA.*IA3"):
         import_peft_adapter(tiny_llama(), tmp_path / "ia3")
 
 
 def test_base_rewriting_initialisations_are_refused(tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path)
     edit_config(src, init_lora_weights="pissa_niter_4")
-    with pytest.raises(ImportError_, match="rewrote the base weights"):
+    with pytest.raises(AdapterImportError, match="rewrote the base weights"):
         import_peft_adapter(tiny_llama(), src)
 
 
@@ -179,7 +180,7 @@ def test_adapter_for_another_base_is_refused(tmp_path):
 def test_rank_disagreeing_with_config_is_refused(tmp_path):
     src, _ = make_peft(tiny_llama, tmp_path)
     edit_config(src, r=8)
-    with pytest.raises(ImportError_, match="rank 4 in the weights but 8"):
+    with pytest.raises(AdapterImportError, match="rank 4 in the weights but 8"):
         import_peft_adapter(tiny_llama(), src)
 
 
@@ -198,7 +199,7 @@ def test_pickled_peft_weights_are_not_opened(tmp_path):
     (src / "adapter_model.safetensors").unlink()
     marker = tmp_path / "pwned"
     (src / "adapter_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(ImportError_, match="adapter_model.bin, a pickle file"):
+    with pytest.raises(AdapterImportError, match="adapter_model.bin, a pickle file"):
         import_peft_adapter(tiny_llama(), src)
     assert not marker.exists()
 
@@ -210,7 +211,7 @@ def test_cli_converts_with_only_the_base_config(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path / "base")
     assert main([str(src), str(tmp_path / "out"), "--base", str(tmp_path / "base")]) == 0
     model = MiloraModel.from_pretrained(tiny_llama(), tmp_path / "out").eval()
-    torch.testing.assert_close(our_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_logits(model), expected, **close("torch", "logits"))
     # Errors are reported, typed messages, not tracebacks.
     assert main([str(src), str(tmp_path / "out2"), "--base", str(tmp_path / "base"), "--top-k", "2"]) == 2
     assert "top_k and alpha apply to reference-code checkpoints only" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 import safely and route and compute as the reference code prescribes.
 
 The classes below are this test's own small implementation of the reference semantics
-(docs/MILORA.md), registered under the reference's module paths so that torch.save writes
+(docs/method.md, docs/importing.md), registered under the reference's module paths so that torch.save writes
 the same global names as the reference code does. The expected logits come from running
 them, hooked onto an unmodified copy of the base model, per row on the prompt tokens.
 """
@@ -18,11 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from milora.contract import EXPERTS
-from milora.errors import BaseMismatchError, ImportError_, UnsafeCheckpointError
+from milora.format.contract import EXPERTS
+from milora.errors import BaseMismatchError, AdapterImportError, UnsafeCheckpointError
 from milora.model.importers import convert_to_milora, import_reference_checkpoint, load_reference_checkpoint
 from milora.model.model import MiloraModel
 from milora.model.router import RATIONAL_INIT
+from milora.format.tolerances import close
 from tests.import_helpers import llama, qwen2
 
 EM_LORA, RATIONAL = "src.llama2.em_lora", "src.llama2.rational"
@@ -230,8 +231,8 @@ def test_reference_checkpoint_routes_and_computes_like_the_reference(builder, po
     with torch.no_grad():
         out = model(IDS, MASK)
     assert torch.equal(out.routing.active(), ref_gates != 0)  # the same experts, every row and layer
-    torch.testing.assert_close(out.routing.gates, ref_gates, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.routing.gates, ref_gates, **close("torch", "gates"))
+    torch.testing.assert_close(out.logits, expected, **close("torch", "logits"))
     # The routing is not trivial: different rows or layers pick different experts.
     assert len({tuple(r) for r in out.routing.active().reshape(-1, 7).tolist()}) > 1
 
@@ -241,7 +242,7 @@ def test_reference_checkpoint_routes_and_computes_like_the_reference(builder, po
     with torch.no_grad():
         step = model(nxt, full_mask, routing=out.routing, past_key_values=out.past_key_values)
     ref_step, _, _ = reference_forward(build(), modules, gatings, full_ids, full_mask, fixed_gates=ref_gates)
-    torch.testing.assert_close(step.logits[:, -1], ref_step[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step.logits[:, -1], ref_step[:, -1], **close("torch", "logits"))
 
 
 def test_imported_tensors_map_the_reference_parameters(tmp_path):
@@ -266,7 +267,7 @@ def test_top_k_argument_overrides_the_recorded_k(tmp_path):
     with torch.no_grad():
         gates = model(IDS, MASK).routing.gates
     assert model.config.top_k == 3 and ((gates != 0).sum(-1) == 3).all()
-    with pytest.raises(ImportError_, match="top_k=9"):
+    with pytest.raises(AdapterImportError, match="top_k=9"):
         import_reference_checkpoint(build(), src, top_k=9)
 
 
@@ -278,7 +279,7 @@ def test_convert_writes_a_loadable_adapter(tmp_path):
     out = convert_to_milora(src, tmp_path / "milora", build())
     model = MiloraModel.from_pretrained(build(), out).eval()  # eval: no router noise
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS, MASK).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(IDS, MASK).logits, expected, **close("torch", "logits"))
 
 
 # ---- safety: pickles that would run code are refused and never run ----
@@ -364,17 +365,17 @@ def test_alpha_is_required_when_not_recorded(tmp_path):
     for m in modules:
         del m.lora_alpha
     src = save_reference(tmp_path / "c", modules, gatings)
-    with pytest.raises(ImportError_, match="does not record lora_alpha; pass alpha="):
+    with pytest.raises(AdapterImportError, match="does not record lora_alpha; pass alpha="):
         import_reference_checkpoint(build(), src)
     model = load_reference_checkpoint(build(), src, alpha=16)
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS, MASK).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(IDS, MASK).logits, expected, **close("torch", "logits"))
 
 
 def test_alpha_contradicting_the_checkpoint_is_refused(tmp_path):
     build = no_gqa(llama)
     src = save_reference(tmp_path / "c", *make_reference(build(), alpha=16))
-    with pytest.raises(ImportError_, match="records lora_alpha=16 but alpha=8"):
+    with pytest.raises(AdapterImportError, match="records lora_alpha=16 but alpha=8"):
         import_reference_checkpoint(build(), src, alpha=8)
 
 
@@ -390,7 +391,7 @@ def test_other_rational_versions_are_refused(tmp_path, monkeypatch):
     for g in gatings:
         g.intermediate_act_fn.activation_function = Rational_PYTORCH_A_F
     src = save_reference(tmp_path / "c", modules, gatings)
-    with pytest.raises(ImportError_, match="Rational_PYTORCH_A_F; only the 'safe' version B"):
+    with pytest.raises(AdapterImportError, match="Rational_PYTORCH_A_F; only the 'safe' version B"):
         import_reference_checkpoint(build(), src)
 
 
@@ -398,7 +399,7 @@ def test_missing_files_are_named(tmp_path):
     build = no_gqa(llama)
     src = save_reference(tmp_path / "c", *make_reference(build()))
     (src / "lora_gatings.bin").unlink()
-    with pytest.raises(ImportError_, match=r"\['lora_gatings.bin'\] missing"):
+    with pytest.raises(AdapterImportError, match=r"\['lora_gatings.bin'\] missing"):
         import_reference_checkpoint(build(), src)
 
 

@@ -7,12 +7,11 @@ import json
 import pytest
 
 from milora.runtime.cli import main
-from runtime_helpers import export_tiny
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("cli"))[1]
+def out_dir(tiny_export):
+    return tiny_export[1]
 
 
 def test_prompt_streams_text(out_dir, capsys):

@@ -8,12 +8,12 @@ from milora.runtime.sampling import Sampler, SamplingError, SamplingParams, find
 
 def test_greedy_takes_argmax_first_on_ties():
     s = Sampler(SamplingParams())
-    assert s(np.array([0.0, 3.0, 3.0, 1.0]), np.array([], dtype=np.int64)) == 1
+    assert s(np.array([0.0, 3.0, 3.0, 1.0])) == 1
 
 
 def test_repetition_penalty_changes_greedy_choice():
     logits = np.array([2.0, 1.9, -1.0])
-    seen = np.array([0])
+    seen = np.array([True, False, False])
     assert Sampler(SamplingParams())(logits, seen) == 0
     # 2.0 / 1.2 = 1.67 < 1.9: the repeated token loses.
     assert Sampler(SamplingParams(repetition_penalty=1.2))(logits, seen) == 1
@@ -21,7 +21,7 @@ def test_repetition_penalty_changes_greedy_choice():
 
 def test_top_k_and_top_p_restrict_support():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    empty = np.array([], dtype=np.int64)
+    empty = None
     draws_k = {Sampler(SamplingParams(temperature=1.0, top_k=2, seed=i))(logits, empty) for i in range(200)}
     assert draws_k == {0, 1}
     # top_p=0.7: 0.5 < 0.7 <= 0.8, so tokens 0 and 1 are kept.
@@ -31,7 +31,7 @@ def test_top_k_and_top_p_restrict_support():
 
 def test_seeded_sampling_is_reproducible_and_follows_probabilities():
     logits = np.log(np.array([0.7, 0.2, 0.1]))
-    empty = np.array([], dtype=np.int64)
+    empty = None
     a, b = Sampler(SamplingParams(temperature=1.0, seed=7)), Sampler(SamplingParams(temperature=1.0, seed=7))
     seq_a = [a(logits, empty) for _ in range(50)]
     assert seq_a == [b(logits, empty) for _ in range(50)]

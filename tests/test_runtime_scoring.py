@@ -10,12 +10,13 @@ import torch
 
 from milora.runtime import Engine
 from milora.runtime.scoring import evaluate_mc, score_options
-from runtime_helpers import export_tiny, random_prompts
+from milora.format.tolerances import close
+from runtime_helpers import random_prompts
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("score"))
+def exported(tiny_any_export):
+    return tiny_any_export
 
 
 def reference_scores(model_dir, tenant, prompt, options):
@@ -42,7 +43,7 @@ def test_option_scores_equal_reference(exported, tenant):
     options = random_prompts(5, (1, 3, 2, 4))
     got = score_options(Engine(out_dir), tenant, prompt, options)
     want = reference_scores(model_dir, tenant, prompt, options)
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(got, want, **close("runtime", "scores"))
     assert len(set(np.round(got, 3))) == len(options)  # distinct: the test can tell options apart
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from helpers import tiny_llama
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.model import MiloraModel
 from milora.train.data import Example
 from milora.train.encode import IGNORE, collate, encode
 from milora.train.loop import TrainConfig, dev_loss, train
+from milora.format.tolerances import close
 from train_helpers import char_tokenizer
 
 
@@ -63,7 +64,7 @@ def test_prompt_tokens_carry_no_loss():
     tgt = labels[:, 1:]
     keep = tgt != IGNORE
     manual = -logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0][keep].mean()
-    assert torch.allclose(out.lm_loss, manual, atol=1e-5)
+    assert torch.allclose(out.lm_loss, manual, **close("torch", "loss"))
     full = torch.nn.functional.cross_entropy(out.logits[0, :-1], batch["input_ids"][0, 1:len(row.ids)])
     assert not torch.allclose(out.lm_loss, full)  # a loss that included prompt tokens would differ
 
@@ -94,7 +95,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     moved = max(float((a[k] - fresh(seed=1, dropout=0.1).adapter_state_dict()[k]).abs().max()) for k in a)
     assert moved > 1e-3  # training did change the adapter
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], b[k], **close("torch", "weights"), msg=k)
 
 
 def test_resume_refuses_changed_options(tmp_path):
@@ -120,7 +121,7 @@ def test_trained_adapter_loads_with_same_outputs(tmp_path):
     with torch.no_grad():
         want, got, before = model(**batch), loaded(**batch), untrained(**batch)
     torch.testing.assert_close(got.routing.gates, want.routing.gates)
-    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.logits, want.logits, **close("torch", "logits"))
     assert float((before.logits - want.logits).abs().max()) > 1e-3  # the file holds the trained state
 
 

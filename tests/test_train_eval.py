@@ -8,11 +8,12 @@ import json
 import torch
 
 from helpers import randomize_adapter, tiny_llama
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.model import MiloraModel
 from milora.train.data import Example
 from milora.train.encode import collate, encode
 from milora.train.eval import bootstrap_ci, evaluate, extract_number, option_scores, paired_bootstrap, same_number
+from milora.format.tolerances import close
 from train_helpers import char_tokenizer
 
 MC = [Example(f"pick {i}: which is right?", "right", ["wrong", "right", "maybe so"], 1, key=f"mc{i}")
@@ -20,11 +21,13 @@ MC = [Example(f"pick {i}: which is right?", "right", ["wrong", "right", "maybe s
 
 
 def _reference_scores(model, tok, ex: Example) -> list[float]:
-    """Each prompt + option sequence scored on its own, routing on the prompt span only."""
+    """Each prompt + option sequence scored on its own, routing on the prompt span only (a
+    plain HF model: no routing)."""
     rows = [encode(tok, ex, 128, chat=False, response=o, eos=False) for o in ex.choices]
     batch = collate(rows, 0)
+    keep = ("input_ids", "attention_mask") + (("routing_mask",) if isinstance(model, MiloraModel) else ())
     with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = model(**{k: batch[k] for k in keep}).logits
     logp = torch.log_softmax(logits.float(), -1)[:, :-1]
     tgt = batch["labels"][:, 1:]
     lp = torch.where(tgt != -100, logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0], 0.0).sum(1)
@@ -38,20 +41,24 @@ def test_cached_option_scores_match_full_sequences():
     for ex in MC[:2]:
         got = option_scores(model, tok, ex, chat=False, routing_counts=counts)
         want = _reference_scores(model, tok, ex)
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), **close("torch", "scores"))
     # Routing seen while scoring: k = 2 experts per layer for each of the 2 prompts.
     torch.testing.assert_close(counts.sum(dim=1), torch.full((model.num_layers,), 4.0))
 
 
 def test_base_model_and_adapter_both_evaluate():
+    """Each prediction is the argmax of independently computed option scores, each item is
+    correct exactly when that prediction is its answer, and accuracy is their mean."""
     tok = char_tokenizer()
-    base = tiny_llama(0)
-    r_base = evaluate(base, tok, MC, chat=False)
-    adapted = randomize_adapter(MiloraModel(tiny_llama(0), MiloraConfig(rank=4, alpha=8)), seed=1)
-    r_ad = evaluate(adapted, tok, MC, chat=False)
-    assert r_base.n == r_ad.n == 4
-    assert 0.0 <= r_base.ci_low <= r_base.accuracy <= r_base.ci_high <= 1.0
-    assert all(p in MC[0].choices for p in r_ad.predictions)
+    adapted = randomize_adapter(MiloraModel(tiny_llama(0), MiloraConfig(rank=4, alpha=8)), seed=1).eval()
+    for model in (tiny_llama(0), adapted):
+        r = evaluate(model, tok, MC, chat=False)
+        scores = [_reference_scores(model, tok, ex) for ex in MC]
+        want = [ex.choices[max(range(len(sc)), key=sc.__getitem__)] for ex, sc in zip(MC, scores)]
+        assert r.n == 4 and r.predictions == want
+        assert r.correct == [p == ex.choices[ex.answer_index] for p, ex in zip(r.predictions, MC)]
+        assert r.accuracy == sum(r.correct) / 4 and r.ci_low <= r.accuracy <= r.ci_high
+
 
 
 def test_answer_extraction():

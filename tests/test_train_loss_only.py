@@ -8,7 +8,7 @@ import torch
 
 from helpers import randomize_adapter, tiny_llama, tiny_qwen2
 from milora.errors import RoutingError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.model import MiloraModel
 from milora.train.data import Example
 from milora.train.encode import collate, encode

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def test_smollm2_milora_training_fits_its_examples_and_evaluates(tmp_path):
     import torch
 
-    from milora.model.config import MiloraConfig
+    from milora.format.config import MiloraConfig
     from milora.model.model import MiloraModel
     from milora.train.api import load_base
     from milora.train.data import load_task
@@ -28,6 +28,8 @@ def test_smollm2_milora_training_fits_its_examples_and_evaluates(tmp_path):
     train(model, tok, data, [], cfg, tmp_path, progress=False)
     after = dev_loss(model, rows, pad_id_of(tok), 4)
     assert after < before, (before, after)
-    res = evaluate_mc(model, tok, load_task("arc_e", "test", limit=4), chat=False)
-    assert res.n == 4 and 0.0 <= res.accuracy <= 1.0
+    items = load_task("arc_e", "test", limit=4)
+    res = evaluate_mc(model, tok, items, chat=False)
+    assert res.n == 4 and res.correct == [p == ex.choices[ex.answer_index] for p, ex in zip(res.predictions, items)]
+    assert res.accuracy == sum(res.correct) / 4
     assert (tmp_path / "milora_adapter.safetensors").is_file()

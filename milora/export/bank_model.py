@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from milora.contract import EXPERTS
+from milora.format.contract import EXPERTS
 from milora.errors import UnsupportedModelError
-from milora.export import manifest as mf
+from milora.format import manifest as mf
 from milora.export.routed_lora import RoutedLoraOp
 from milora.export.router_graph import route_layer
 from milora.model.inject import KNOWN_ARCHITECTURES, base_info, decoder_layers

@@ -4,18 +4,20 @@
     check(out_dir)     # refuses tampered files; re-runs validation when the sources exist
 
 OUT_DIR:
-    manifest.json                the contract (milora.export.manifest)
+    manifest.json                the contract (milora.format.manifest)
     prefill.onnx                 router + prefill, gates out
     decode.onnx                  decode, gates in, no router
     weights.onnx.data            the external data of both graphs (each weight once)
     adapters/<tenant>.safetensors one slot pack per tenant
     tokenizer files              copied from MODEL_DIR
+    polygraphy/<graph>_data.py   Polygraphy data loaders (milora/plugins/polygraphy_scripts.py)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import time
@@ -23,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from milora.errors import ExportError
-from milora.export import manifest as mf
-from milora.export.banks import build_pack, save_pack, tenant_options
+from milora.errors import ExportError, ManifestError, WriteError
+from milora.format import manifest as mf
+from milora.format.pack import build_pack, save_pack, tenant_options
 from milora.export.lowering import DEFAULT_LOWERING, LOWERINGS
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
@@ -47,6 +49,9 @@ class ExportOptions:
     decode_steps: int = 3
     python_op: bool = False  # validate a tensorrt-target graph with the Python op (float32)
     prefill_logits: str = "last"  # "last": prefill logits [B,1,V]; "all": [B,T,V] (manifest.LOGITS_POSITIONS)
+    # Graph flavour (manifest.FLAVOURS): "auto" = fused wherever it applies (onnxruntime target,
+    # float32, head_dim a multiple of 16, last-position prefill logits), else portable.
+    flavour: str = "auto"
     # torch intra-op threads while exporting and validating (None: torch's default). On an
     # oversubscribed machine 1 is much faster: a SmolLM2 forward took 2.0 s with 2 threads
     # and 0.14 s with 1 on the shared 2-core dev box (load ~7).
@@ -63,15 +68,26 @@ class ExportOptions:
         if self.target not in TARGETS:
             raise ExportError(f"--target {self.target!r}; expected one of {', '.join(TARGETS)}")
         if not 14 <= self.opset <= 20:
-            raise ExportError(f"--opset {self.opset} is out of range; expected 14..20 (default {DEFAULT_OPSET})")
+            raise ExportError(f"--opset {self.opset} is out of range; expected 14..20. Fix: pass --opset "
+                              f"{DEFAULT_OPSET} (the default) or omit it")
         if self.python_op and (self.target != "tensorrt" or self.dtype != "float32"):
             raise ExportError(f"--python-op validates a --target tensorrt float32 export; got target {self.target}, "
                               f"dtype {self.dtype} (drop --python-op, the function body is validated instead)")
+        if self.flavour not in ("auto", *mf.FLAVOURS):
+            raise ExportError(f"--flavour {self.flavour!r} is not supported; expected auto, "
+                              f"{', '.join(mf.FLAVOURS)}")
         if self.prefill_logits not in mf.LOGITS_POSITIONS:
             raise ExportError(f"--prefill-logits {self.prefill_logits!r}; expected one of "
                               f"{', '.join(mf.LOGITS_POSITIONS)}")
         if self.slots is not None and self.slots < 1:
-            raise ExportError(f"--slots {self.slots}; expected at least 1 (slot 0 is the base model)")
+            raise ExportError(f"--slots {self.slots} is out of range; expected at least 1 (slot 0 is the base model, "
+                              "tenants take slots 1..N-1). Fix: pass --slots N with N >= tenants + 1, or omit it")
+        if self.decode_steps < 1:
+            raise ExportError(f"--decode-steps {self.decode_steps} is out of range; expected at least 1 (decode steps "
+                              "checked by the validation). Fix: pass --decode-steps 1 or more, or --no-validate")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ExportError(f"--torch-threads {self.torch_threads} is out of range; expected at least 1. Fix: "
+                              "pass --torch-threads 1 (or more), or omit it for torch's default")
 
 
 def load_base(model_dir: Path, dtype: str):
@@ -80,58 +96,140 @@ def load_base(model_dir: Path, dtype: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not model_dir.is_dir():
-        raise ExportError(f"MODEL_DIR {model_dir} does not exist; expected a Hugging Face model directory")
+        raise ExportError(f"MODEL_DIR {model_dir} does not exist; expected a Hugging Face model directory "
+                          "(config.json + weights). Fix: check the path, or save the model with save_pretrained")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} has no config.json; expected a Hugging Face model directory "
-                          "(config.json + weights)")
+                          "(config.json + weights). Fix: save the model there with save_pretrained")
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, OSError, KeyError) as exc:
-        raise ExportError(f"{model_dir}/config.json cannot be read ({str(exc).splitlines()[0]})") from None
+        raise ExportError(f"{model_dir}/config.json cannot be read ({str(exc).splitlines()[0]}); expected a Hugging "
+                          "Face config. Fix: save the model again with save_pretrained") from None
     from milora.model.inject import KNOWN_ARCHITECTURES
     from milora.errors import UnsupportedModelError
 
     archs = getattr(config, "architectures", None) or [type(config).__name__]
     if archs[0] not in KNOWN_ARCHITECTURES:
         raise UnsupportedModelError(f"{model_dir} holds a {archs[0]}; milora-export supports "
-                                    f"{', '.join(KNOWN_ARCHITECTURES)}")
+                                    f"{', '.join(KNOWN_ARCHITECTURES)}. Fix: export a model of one of those "
+                                    "architectures (LLaMA layout)")
+    weights = [p for p in model_dir.iterdir() if p.name.startswith(("model", "pytorch_model"))
+               and p.name.endswith((".safetensors", ".bin", ".index.json"))]
+    if not weights:
+        raise ExportError(f"{model_dir} has no weights file; expected model.safetensors (or sharded "
+                          "model-*.safetensors with their index) next to config.json. Fix: save the model with "
+                          "save_pretrained, or copy its weights there")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad weights file
         raise ExportError(f"cannot load the model weights in {model_dir} ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); the files are missing or corrupt") from None
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); the files are missing or corrupt. "
+                          "Fix: copy or save the model again") from None
     return model.eval()
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"OUT_DIR {out_dir} exists and is not a directory")
+        raise ExportError(f"OUT_DIR {out_dir} exists and is not a directory; expected a new or empty directory. "
+                          "Fix: choose another OUT_DIR")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ExportError(f"OUT_DIR {out_dir} is not empty; choose another directory or pass --force to replace it")
+        raise ExportError(f"OUT_DIR {out_dir} is not empty; expected a new or empty directory. Fix: choose another "
+                          "directory or pass --force to replace it (only once the new export is complete)")
 
 
 def export(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, str | Path] | None = None,
            options: ExportOptions | None = None, **kwargs) -> dict[str, Any]:
     """Export MODEL_DIR (+ adapters) to OUT_DIR; returns the manifest. Atomic: the work happens
-    in a temporary sibling directory renamed at the end, removed on failure."""
+    in a temporary sibling directory (.OUT.partial-PID) renamed at the end, removed on failure
+    or interrupt; one left by a killed export is removed by the next once its process is gone."""
+    from milora.export.tenants import discover
+
     opts = options or ExportOptions(**kwargs)
     opts.check()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_out_dir(out_dir, opts.force)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    # Tenant names become file names: refuse bad ones before anything is written.
+    found = discover(model_dir, {k: Path(v) for k, v in (adapters or {}).items()})
+    remove_stale_partials(out_dir)
+    tmp = partial_dir(out_dir, os.getpid())
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise write_error(exc, out_dir, tmp, "create the export's temporary directory") from None
     try:
         with _steps(opts, 6 if opts.validate else 5) as bar, torch_threads(opts.torch_threads):
-            manifest = _export_into(model_dir, tmp, {k: Path(v) for k, v in (adapters or {}).items()}, opts, bar)
+            manifest = _export_into(model_dir, tmp, found, opts, bar)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(exc, out_dir, tmp, "write the export") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+PARTIAL_MARK = ".partial-"
+
+
+def partial_dir(out_dir: Path, pid: int) -> Path:
+    """The temporary sibling an export by process `pid` writes into."""
+    return out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{pid}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) is not a probe on Windows: never remove another's directory
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    except OverflowError:  # not a PID at all
+        return False
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Remove the .OUT.partial-PID directories of exports to out_dir whose process is gone (a
+    killed export cannot clean up after itself); those of running exports are left alone."""
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    prefix = f".{out_dir.name}{PARTIAL_MARK}"
+    for p in out_dir.parent.iterdir():
+        pid = p.name[len(prefix):]
+        if p.name.startswith(prefix) and pid.isascii() and pid.isdigit() and int(pid) != os.getpid() \
+                and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+_WRITE_FIXES = {errno.ENOSPC: "free space on that file system or choose an OUT_DIR on another one",
+                getattr(errno, "EDQUOT", -1): "free space within your quota or choose an OUT_DIR on another file system",
+                errno.EACCES: "choose an OUT_DIR in a directory you can write to",
+                errno.EPERM: "choose an OUT_DIR in a directory you can write to",
+                errno.EROFS: "choose an OUT_DIR on a writable file system"}
+
+
+def write_error(exc: OSError, out_dir: Path, tmp: Path, doing: str) -> WriteError:
+    """A typed, one-line account of an OSError met while exporting to out_dir (through tmp)."""
+    where = Path(exc.filename) if exc.filename else tmp
+    inside = where in out_dir.parents or any(where == d or d in where.parents for d in (tmp, out_dir))
+    if not inside:  # an input that could not be read (the tmp directory was removed all the same)
+        return WriteError(f"cannot read {where}: {exc.strerror or exc}; nothing was written to OUT_DIR {out_dir}. "
+                          "Fix: check that the file exists and is readable")
+    fix = _WRITE_FIXES.get(exc.errno, "check that the location is writable and has free space")
+    removed = " (the partial export was removed)" if where != tmp else ""
+    return WriteError(f"cannot {doing} for OUT_DIR {out_dir}: {exc.strerror or exc} ({where}); nothing was written"
+                      f"{removed}. Fix: {fix}")
 
 
 @contextlib.contextmanager
@@ -155,10 +253,11 @@ def _steps(opts: ExportOptions, total: int):
     return progress(total, "milora-export", "step", enabled=opts.progress, every=total)
 
 
-def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: ExportOptions, bar) -> dict[str, Any]:
+def _export_into(model_dir: Path, tmp: Path, found: dict[str, Path], opts: ExportOptions, bar) -> dict[str, Any]:
+    """found: tenant name -> adapter directory (tenants.discover)."""
     from milora.export.bank_model import BankModel, check_supported
     from milora.export.onnx_export import SharedWeights, export_graph
-    from milora.export.tenants import load_tenants
+    from milora.export.tenants import load_tenant
     from milora.model.inject import base_info
 
     started = time.time()
@@ -166,7 +265,7 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
     hf = load_base(model_dir, opts.dtype)
     check_supported(hf)
     base = dict(base_info(hf), max_position_embeddings=getattr(hf.config, "max_position_embeddings", None))
-    tenants = load_tenants(model_dir, adapters, base)
+    tenants = [load_tenant(n, d, base) for n, d in found.items()]
     if not tenants and opts.target == "onnxruntime":
         # Nothing to route: the graphs are the bare base model (the floor benchmarks compare to).
         opts = dataclasses.replace(opts, lora_lowering="none")
@@ -176,19 +275,26 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
                           f"slots (slot 0 is the base model, so at most {slots - 1} tenants); pass --slots "
                           f"{len(tenants) + 1} or more")
     max_rank = max([t.config.rank for t in tenants] or [1])
+    opts = dataclasses.replace(opts, flavour=resolve_flavour(opts, base))
     bar.update()
     manifest = _manifest(model_dir, base, tenants, slots, max_rank, opts)
     (tmp / mf.PACK_DIR).mkdir()
     for t in tenants:
-        save_pack(tmp / manifest["tenants"][t.name]["pack"], build_pack(t.config, t.tensors, base, max_rank, opts.dtype))
+        pack = build_pack(t.config, t.tensors, base, max_rank, opts.dtype, where=f"tenant {t.name!r} ({t.source})")
+        save_pack(tmp / manifest["tenants"][t.name]["pack"], pack)
     bar.update()
     core = BankModel(hf).eval()
+    fused = None
+    if opts.flavour == mf.FLAVOUR_FUSED:
+        from milora.export.fused_model import FusedCore
+
+        fused = FusedCore(core, base.get("max_position_embeddings")).eval()
     lowering = "tensorrt" if opts.target == "tensorrt" else opts.lora_lowering
     weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
     try:
         for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
             bar.set_description(f"exporting {graph}")
-            export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering, weights)
+            export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering, weights, fused)
             bar.update()
     finally:
         weights.close()
@@ -197,6 +303,9 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
     for name in mf.TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, tmp / name)
+    from milora.plugins.polygraphy_scripts import write_loader_scripts
+
+    write_loader_scripts(tmp)  # polygraphy/<graph>_data.py (docs/tensorrt.md); hashed in the manifest like every file
     manifest["export_seconds"] = round(time.time() - started, 2)
     if opts.validate:
         bar.set_description("validating against PyTorch")
@@ -205,6 +314,24 @@ def _export_into(model_dir: Path, tmp: Path, adapters: dict[str, Path], opts: Ex
     bar.update()
     mf.write_manifest(tmp, manifest)
     return mf.read_manifest(tmp)
+
+
+def resolve_flavour(opts: ExportOptions, base: dict[str, Any]) -> str:
+    """The graph flavour of this export: the one asked for, or for "auto" fused wherever it
+    applies. Asking for fused where it cannot apply is an error that says why."""
+    from milora.export.fused_model import check_fusable
+
+    problems = check_fusable(base, opts.dtype)
+    if opts.target != "onnxruntime":
+        problems.append(f"target {opts.target} (the fused flavour uses onnxruntime's own operators)")
+    if opts.prefill_logits != mf.LOGITS_LAST:
+        problems.append(f"--prefill-logits {opts.prefill_logits} (the fused prefill emits the last position)")
+    if opts.flavour == "auto":
+        return mf.FLAVOUR_PORTABLE if problems else mf.FLAVOUR_FUSED
+    if opts.flavour == mf.FLAVOUR_FUSED and problems:
+        raise ExportError(f"--flavour fused does not apply to this export: {'; '.join(problems)}. Fix: pass "
+                          "--flavour portable (or auto, which picks it)")
+    return opts.flavour
 
 
 def run_validation(root: Path, manifest: dict, hf, tenants, opts: ExportOptions) -> dict[str, Any]:
@@ -224,12 +351,12 @@ def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: 
     import transformers
 
     import milora
-    from milora.contract import EXPERTS
+    from milora.format.contract import EXPERTS
 
     graphs = {}
     for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
-        graphs[graph] = dict(file=file, data_file=mf.WEIGHTS_FILE, **mf.graph_io(graph, base, max_rank, opts.dtype,
-                                                                             opts.prefill_logits))
+        graphs[graph] = dict(file=file, data_file=mf.WEIGHTS_FILE, **mf.graph_io(
+            graph, base, max_rank, opts.dtype, opts.prefill_logits, opts.flavour, lora=opts.lora_lowering != "none"))
     tenant_info = {}
     for slot, t in enumerate(tenants, start=1):
         tenant_info[t.name] = {"slot": slot, "pack": f"{mf.PACK_DIR}/{t.name}.safetensors", "kind": t.kind,
@@ -241,6 +368,7 @@ def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: 
                           "transformers": transformers.__version__, "onnx": onnx.__version__,
                           "onnxruntime": onnxruntime.__version__},
         "base": base, "experts": list(EXPERTS), "dtype": opts.dtype, "opset": opts.opset, "target": opts.target,
+        "flavour": opts.flavour,
         "lora_lowering": "plugin" if opts.target == "tensorrt" else opts.lora_lowering, "max_rank": max_rank,
         "max_top_k": max([t.config.top_k for t in tenants if t.config.routed] or [0]), "slots": slots,
         "option_columns": list(mf.OPTION_COLUMNS),
@@ -254,14 +382,23 @@ def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: 
 
 def check(out_dir: str | Path, validate: bool = True, python_op: bool = False, decode_steps: int = 3,
           threads: int | None = None) -> dict[str, Any]:
-    """Refuse an OUT_DIR whose files differ from its manifest (sha256), then re-run the
-    validation against PyTorch when the recorded sources (model dir, adapters) still exist."""
+    """Refuse an OUT_DIR whose files differ from its manifest (sha256), whose graphs do not
+    parse or whose slot packs are malformed or non-finite (even when their sha256 matches, e.g.
+    after a manifest was re-written), then re-run the validation against PyTorch when the
+    recorded sources (model dir, adapters) still exist."""
+    from milora.format.pack import load_pack
     from milora.export.tenants import load_tenant
 
+    if decode_steps < 1:
+        raise ExportError(f"--decode-steps {decode_steps} is out of range; expected at least 1. Fix: pass "
+                          "--decode-steps 1 or more")
     out_dir = Path(out_dir)
     manifest = mf.read_manifest(out_dir)
     mf.verify_files(out_dir, manifest)
-    result: dict[str, Any] = {"files": len(manifest["files"]), "sha256": "ok"}
+    _check_graphs(out_dir, manifest)
+    for name, info in manifest["tenants"].items():
+        load_pack(out_dir / info["pack"], manifest, where=f"tenant {name!r}")
+    result: dict[str, Any] = {"files": len(manifest["files"]), "sha256": "ok", "packs": "ok"}
     src = manifest["source"]
     missing = [p for p in [src["model_dir"], *src["adapters"].values()] if not Path(p).exists()]
     if not validate or missing:
@@ -273,6 +410,21 @@ def check(out_dir: str | Path, validate: bool = True, python_op: bool = False, d
     with torch_threads(threads):
         result["validation"] = run_validation(out_dir, manifest, hf, tenants, opts)
     return result
+
+
+def _check_graphs(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Each graph file parses as an ONNX model (a truncated file does not)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    for graph, spec in manifest["graphs"].items():
+        path = out_dir / spec["file"]
+        try:
+            onnx.load(str(path), load_external_data=False)
+        except (DecodeError, OSError, ValueError, RuntimeError) as exc:
+            raise ManifestError(f"{path} ({graph} graph) cannot be parsed as ONNX ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'}); "
+                                   "expected a complete ONNX model. Fix: export again") from None
 
 
 __all__ = ["ExportOptions", "check", "export"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from milora.contract import EXPERTS
+from milora.format.contract import EXPERTS
 from milora.errors import ExportError
 from milora.export import routed_lora as rl
 

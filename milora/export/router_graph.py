@@ -21,12 +21,10 @@ Masked positions are excluded by selection, never by multiplying with a 0/1 mask
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from milora.contract import NUM_EXPERTS
-from milora.export import manifest as mf
-from milora.model.router import floor_selected
+from milora.format import manifest as mf
+from milora.model.router import ACTIVATION_FNS, gates_from_logits, pool_all, rational, select_top_k
 
 # Stands in for -inf on experts a tenant lacks: exp() of it is exactly 0 next to any real
 # logit, and an all-NEG row (slot 0, whose gates are replaced) softmaxes to finite values.
@@ -39,57 +37,25 @@ def _per_row(code: Tensor, like: Tensor) -> Tensor:
     return code.view(-1, *([1] * (like.dim() - 1)))
 
 
-def rational(x: Tensor, num: Tensor, den: Tensor) -> Tensor:
-    """R(x) = P(x) / (1 + |x Q'(x)|) by Horner's rule; num [B, 7], den [B, 5] per row
-    (zero-padded high coefficients leave the value exactly unchanged)."""
-    num, den = _per_row_coeffs(num, x), _per_row_coeffs(den, x)
-    p = torch.zeros_like(x) + num[-1]
-    for c in reversed(num[:-1]):
-        p = p * x + c
-    q = torch.zeros_like(x) + den[-1]
-    for c in reversed(den[:-1]):
-        q = q * x + c
-    return p / (1.0 + (q * x).abs())
-
-
-def _per_row_coeffs(coeffs: Tensor, like: Tensor) -> list[Tensor]:
-    return [_per_row(coeffs[:, i], like) for i in range(coeffs.shape[1])]
-
-
 def activate(x: Tensor, code: Tensor, num: Tensor, den: Tensor) -> Tensor:
-    """Per-row activation (manifest.ACTIVATION_CODES) of x [B, ...]."""
+    """Per-row activation (manifest.ACTIVATION_CODES) of x [B, ...]: each of the reference's
+    definitions (milora.model.router), one picked per row."""
     c = _per_row(code, x)
-    out = torch.where(c == mf.ACTIVATION_CODES["relu"], F.relu(x), x)
-    out = torch.where(c == mf.ACTIVATION_CODES["gelu"], F.gelu(x), out)
+    out = x  # identity
+    for kind in ("relu", "gelu"):
+        out = torch.where(c == mf.ACTIVATION_CODES[kind], ACTIVATION_FNS[kind](x), out)
     return torch.where(c == mf.ACTIVATION_CODES["rational"], rational(x, num, den), out)
 
 
 def pool(h: Tensor, mask: Tensor, code: Tensor, vec: Tensor) -> Tensor:
-    """Per-row pooling (manifest.POOLER_CODES) of h [B, T, d] over mask [B, T] -> [B, d]."""
-    valid = mask[..., None]  # [B, T, 1]
-    scores = torch.where(mask, (h * vec[:, None, :]).sum(-1), float("-inf"))  # [B, T]
-    weights = torch.softmax(scores, dim=-1)
-    attention = torch.where(valid, weights[..., None] * h, 0.0).sum(dim=1)  # [B, d]
-    t = torch.arange(mask.shape[1], device=mask.device)[None, :]  # [1, T]
-    last_idx = torch.where(mask, t, -1).amax(dim=1)  # [B]
-    last = torch.gather(h, 1, last_idx[:, None, None].expand(-1, 1, h.shape[2]))[:, 0]  # [B, d]
-    count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(h.dtype)  # [B, 1]
-    mean = torch.where(valid, h, 0.0).sum(dim=1) / count
-    mx = torch.where(valid, h, float("-inf")).amax(dim=1)
+    """Per-row pooling (manifest.POOLER_CODES) of h [B, T, d] over mask [B, T] -> [B, d]: every
+    pooler of the reference (milora.model.router.pool_all), one picked per row."""
+    pooled = pool_all(h, mask, vec)
     c = code[:, None]
-    out = torch.where(c == mf.POOLER_CODES["max"], mx, mean)
-    out = torch.where(c == mf.POOLER_CODES["last"], last, out)
-    return torch.where(c == mf.POOLER_CODES["attention"], attention, out)
-
-
-def select_top_k(z: Tensor, k: Tensor) -> Tensor:
-    """[B, E] logits, [B] k -> [B, E] bool: the k largest, lower index first on equal values.
-    rank_j = #{i: z_i > z_j} + #{i < j: z_i == z_j}; selected = rank < k."""
-    zi, zj = z[:, :, None], z[:, None, :]  # [B, E, 1], [B, 1, E]
-    lower = torch.ones(NUM_EXPERTS, NUM_EXPERTS, dtype=torch.bool, device=z.device).triu(1)  # i < j
-    beats = (zi > zj) | ((zi == zj) & lower)  # [B, E(i), E(j)]
-    rank = beats.to(torch.int64).sum(dim=1)  # [B, E]
-    return rank < k[:, None]
+    out = pooled["mean"]
+    for kind in ("max", "last", "attention"):
+        out = torch.where(c == mf.POOLER_CODES[kind], pooled[kind], out)
+    return out
 
 
 def route_layer(hidden: Tensor, mask: Tensor, slots: Tensor, banks: dict[str, Tensor], l: int) -> Tensor:
@@ -98,7 +64,8 @@ def route_layer(hidden: Tensor, mask: Tensor, slots: Tensor, banks: dict[str, Te
     col = lambda name: opts[:, _COL[name]]  # noqa: E731
     num, den = banks[mf.ROUTER_ACT_NUM][slots, l], banks[mf.ROUTER_ACT_DEN][slots, l]  # [B, 7], [B, 5]
     vec = banks[mf.ROUTER_POOLER][slots, l]  # [B, d]
-    h = hidden.float()  # [B, T, d]
+    # Masked positions hold anything (padding); select 0 there first, as the reference does.
+    h = torch.where(mask[..., None], hidden.float(), 0.0)  # [B, T, d]
     act, pooler = col("activation"), col("pooler")
     post = activate(pool(h, mask, pooler, vec), act, num, den)  # [B, d]
     pre = pool(activate(h, act, num, den), mask, pooler, vec)  # [B, d]
@@ -106,7 +73,7 @@ def route_layer(hidden: Tensor, mask: Tensor, slots: Tensor, banks: dict[str, Te
     z = (pooled[:, None, :] @ banks[mf.ROUTER_WEIGHT][slots, l])[:, 0]  # [B, E]
     z = torch.where(banks[mf.SLOT_EXPERT_MASK][slots] > 0.5, z, NEG)
     sel = select_top_k(z, col("top_k"))  # [B, E]
-    paper = floor_selected(torch.softmax(z, dim=-1), sel)
-    renorm = floor_selected(torch.softmax(torch.where(sel, z, NEG), dim=-1), sel)
+    paper = gates_from_logits(z, sel, "paper")
+    renorm = gates_from_logits(z, sel, "renormalized", masked=NEG)
     gates = torch.where(col("gate_mode")[:, None] == mf.GATE_MODE_CODES["renormalized"], renorm, paper)
     return torch.where(col("routed")[:, None] == 1, gates, banks[mf.SLOT_FIXED_GATES][slots])  # [B, E]

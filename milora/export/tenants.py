@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from milora.adapter_format import check_base, read_adapter
-from milora.contract import ADAPTER_CONFIG_FILE
-from milora.errors import ExportError
-from milora.model.config import MiloraConfig
+from milora.format.adapter import check_base, read_adapter
+from milora.format.contract import ADAPTER_CONFIG_FILE
+from milora.errors import ExportError, NonFiniteError
+from milora.format.config import MiloraConfig
 
 ADAPTERS_SUBDIR = "adapters"
 ROOT_TENANT = "default"
@@ -64,10 +64,12 @@ def discover(model_dir: Path, extra: dict[str, Path]) -> dict[str, Path]:
         found[name] = d
     for name, d in found.items():
         if not NAME_RE.match(name):
-            raise ExportError(f"tenant name {name!r} is not allowed; expected letters, digits, '_', '.', '-' "
-                              "(at most 64, not starting with a symbol)")
+            raise ExportError(f"tenant name {name!r} is not allowed (it names the tenant's file "
+                              f"{ADAPTERS_SUBDIR}/<name>.safetensors); expected letters, digits, '_', '.', '-', at most "
+                              "64, starting with a letter or digit (no '/' or '..'). Fix: choose a name like 'acme-1'")
         if not d.is_dir():
-            raise ExportError(f"adapter directory for tenant {name!r} does not exist: {d}")
+            raise ExportError(f"adapter directory for tenant {name!r} does not exist: {d}; expected a directory "
+                              "holding an adapter. Fix: check the path given with --adapter NAME=DIR")
         if adapter_kind(d) is None:
             raise ExportError(f"{d} (tenant {name!r}) holds no adapter: expected {ADAPTER_CONFIG_FILE} (MiLoRA), "
                               f"{PEFT_MARKER} (PEFT) or {' + '.join(REFERENCE_MARKERS)} (reference code)")
@@ -86,16 +88,19 @@ def _numpy(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
 def load_tenant(name: str, directory: Path, base: dict[str, Any]) -> Tenant:
     """Read (or import) one adapter; refuse one made for another base."""
     kind = adapter_kind(directory)
-    if kind == "milora":
-        config, adapter_base, tensors = read_adapter(directory)
-        check_base(adapter_base, base, f"adapter {directory} (tenant {name!r})")
-        return Tenant(name, kind, directory, config, _numpy(tensors))
-    from milora.model import importers
+    try:
+        if kind == "milora":
+            config, adapter_base, tensors = read_adapter(directory)
+            check_base(adapter_base, base, f"adapter {directory} (tenant {name!r})")
+            return Tenant(name, kind, directory, config, _numpy(tensors))
+        from milora.model import importers
 
-    if kind == "peft":
-        imported = importers.import_peft_adapter(base, directory)
-    else:
-        imported = importers.import_reference_checkpoint(base, directory)
+        if kind == "peft":
+            imported = importers.import_peft_adapter(base, directory)
+        else:
+            imported = importers.import_reference_checkpoint(base, directory)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"tenant {name!r}: {exc}", exc.problems) from None
     return Tenant(name, kind, directory, imported.config, _numpy(imported.tensors))
 
 

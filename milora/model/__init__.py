@@ -4,7 +4,7 @@ Importing this package does not import torch; the names below load on first use.
 """
 
 _LAZY = {
-    "MiloraConfig": "milora.model.config",
+    "MiloraConfig": "milora.format.config",
     "MiloraModel": "milora.model.model",
     "MiloraOutput": "milora.model.model",
     "add_milora": "milora.model.model",

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from milora.contract import EXPERT_PARENT, EXPERTS
+from milora.format.contract import EXPERT_PARENT, EXPERTS
 from milora.errors import UnsupportedModelError
 
 KNOWN_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from milora.contract import EXPERT_INDEX
+from milora.format.contract import EXPERT_INDEX
 from milora.model.routing import current_forward
 
 

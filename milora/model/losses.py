@@ -1,4 +1,4 @@
-"""Load-balancing losses over a batch of prompts (docs/MILORA.md, "Training").
+"""Load-balancing losses over a batch of prompts (docs/method.md, "Training").
 
 probs [B, E]: router probabilities (softmax over all E experts) of one layer, one row per
 prompt. Both losses are averaged over layers by load_balancing_loss.

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from milora.adapter_format import check_base, check_tensors, expected_shapes, read_adapter
-from milora.contract import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, EXPERT_INDEX, NUM_EXPERTS, lora_a_name,
+from milora.format.adapter import check_base, check_tensors, expected_shapes, read_adapter
+from milora.format.contract import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, EXPERT_INDEX, NUM_EXPERTS, lora_a_name,
                              lora_b_name, router_tensor_name)
 from milora.errors import AdapterFormatError, RoutingError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.model.inject import base_info, decoder_layers, expert_linear, set_expert_linear
 from milora.model.layer import MiloraLinear
 from milora.model.losses import load_balancing_loss
@@ -200,7 +200,7 @@ class MiloraModel(nn.Module):
 
         Refused: chunked prefill (prefill_chunk_size) and a past KV cache without `routing`:
         both would route on part of the prompt only, and every prompt token's KV depends on
-        routing computed from the whole prompt (docs/MILORA.md)."""
+        routing computed from the whole prompt (docs/method.md)."""
         gen_config = generate_kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
         chunk = generate_kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None))
         if chunk:

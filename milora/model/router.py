@@ -1,5 +1,5 @@
 """The MiLoRA router: pool the prompt's hidden states, activate, project to expert logits,
-pick the top-k experts and their gates (docs/MILORA.md, "Forward pass").
+pick the top-k experts and their gates (docs/method.md, "The router").
 
 Shape legend: B batch rows, T tokens, d hidden size, E experts of this adapter (<= 7),
 k experts switched on per layer.
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from milora.contract import GATE_FLOOR
+from milora.format.contract import GATE_FLOOR
 from milora.errors import RoutingError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 
 # "Safe" Pade unit initialisations of the reference code, degrees (5, 4):
 # R(x) = (a0 + a1 x + ... + a5 x^5) / (1 + |b1 x + b2 x^2 + b3 x^3 + b4 x^4|).
@@ -48,73 +48,99 @@ def rational_init(kind: str, degrees: tuple[int, int]) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+def _coef(c: Tensor, like: Tensor) -> Tensor:
+    """One coefficient: a scalar, or one per row [B] broadcast against like [B, ...]."""
+    return c.view(-1, *([1] * (like.dim() - 1))) if c.dim() == 1 else c
+
+
 def rational(x: Tensor, num: Tensor, den: Tensor) -> Tensor:
-    """R(x) = P(x) / (1 + |Q(x)|), P(x) = sum_i num[i] x^i, Q(x) = sum_j den[j-1] x^j (j >= 1).
-    Elementwise, evaluated by Horner's rule in the dtype of x."""
-    p = torch.zeros_like(x) + num[-1]
-    for c in num.flip(0)[1:]:
-        p = p * x + c
-    q = torch.zeros_like(x) + den[-1]
-    for c in den.flip(0)[1:]:
-        q = q * x + c
-    q = q * x  # Q has no constant term
-    return p / (1.0 + q.abs())
+    """R(x) = P(x) / (1 + |Q(x)|), P(x) = sum_i num[..., i] x^i, Q(x) = sum_j den[..., j-1] x^j (j >= 1).
+    Elementwise by Horner's rule in the dtype of x. Coefficients are [p+1] / [q], or per row
+    [B, p+1] / [B, q] for x [B, ...] (the export's banks: zero-padded high coefficients leave
+    finite values exactly unchanged)."""
+    p = torch.zeros_like(x) + _coef(num[..., -1], x)
+    for i in range(num.shape[-1] - 2, -1, -1):
+        p = p * x + _coef(num[..., i], x)
+    q = torch.zeros_like(x) + _coef(den[..., -1], x)
+    for j in range(den.shape[-1] - 2, -1, -1):
+        q = q * x + _coef(den[..., j], x)
+    return p / (1.0 + (q * x).abs())  # Q has no constant term
+
+
+# The elementwise activations (ACTIVATIONS of config.py); rational takes its coefficients.
+ACTIVATION_FNS = {"gelu": F.gelu, "relu": F.relu, "identity": lambda x: x}
 
 
 def activate(x: Tensor, kind: str, num: Tensor | None = None, den: Tensor | None = None) -> Tensor:
     if kind == "rational":
-        assert num is not None and den is not None  # guaranteed by MiloraRouter's construction
+        if num is None or den is None:
+            raise RoutingError("the rational activation needs its coefficients (act_num, act_den)")
         return rational(x, num, den)
-    if kind == "gelu":
-        return F.gelu(x)
-    if kind == "relu":
-        return F.relu(x)
-    return x  # identity
+    return ACTIVATION_FNS[kind](x)
 
 
-def pool(h: Tensor, mask: Tensor, kind: str, attn_vector: Tensor | None = None) -> Tensor:
-    """Pool the masked tokens of each row: h [B, T, d], mask [B, T] bool -> [B, d].
+def pool_all(h: Tensor, mask: Tensor, attn_vector: Tensor | None) -> dict[str, Tensor]:
+    """Every pooling of the masked tokens of each row: h [B, T, d], mask [B, T] bool ->
+    {kind: [B, d]}. attn_vector [d] or per row [B, d] (None: no attention pooling).
 
     attention: a = softmax_t(h_t . w) over masked tokens, pooled = sum_t a_t h_t
     last:      h at the last masked position of the row
     mean:      sum of masked h / number of masked tokens
     max:       elementwise max over masked tokens
+    Masked-out positions are excluded by selection (-inf / 0 / index), never by a 0/1 product.
     """
     valid = mask[..., None]  # [B, T, 1]
-    if kind == "attention":
-        assert attn_vector is not None
-        scores = torch.where(mask, h @ attn_vector, float("-inf"))  # [B, T]
+    out = {}
+    if attn_vector is not None:
+        scores = torch.where(mask, (h * attn_vector[..., None, :]).sum(-1), float("-inf"))  # [B, T]
         weights = torch.softmax(scores, dim=-1)  # [B, T]
-        return torch.where(valid, weights[..., None] * h, 0.0).sum(dim=1)  # [B, d]
-    if kind == "last":
-        t = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, T]
-        last = torch.where(mask, t, -1).amax(dim=1)  # [B]
-        return h[torch.arange(h.shape[0], device=h.device), last]  # [B, d]
-    if kind == "mean":
-        count = mask.sum(dim=1, keepdim=True).to(h.dtype)  # [B, 1]
-        return torch.where(valid, h, 0.0).sum(dim=1) / count  # [B, d]
-    # max
-    return torch.where(valid, h, float("-inf")).amax(dim=1)  # [B, d]
+        out["attention"] = torch.where(valid, weights[..., None] * h, 0.0).sum(dim=1)  # [B, d]
+    t = torch.arange(mask.shape[1], device=mask.device)[None, :]  # [1, T]
+    last = torch.where(mask, t, -1).amax(dim=1)  # [B]
+    out["last"] = torch.gather(h, 1, last[:, None, None].expand(-1, 1, h.shape[2]))[:, 0]  # [B, d]
+    count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(h.dtype)  # [B, 1]
+    out["mean"] = torch.where(valid, h, 0.0).sum(dim=1) / count  # [B, d]
+    out["max"] = torch.where(valid, h, float("-inf")).amax(dim=1)  # [B, d]
+    return out
+
+
+def pool(h: Tensor, mask: Tensor, kind: str, attn_vector: Tensor | None = None) -> Tensor:
+    """Pool the masked tokens of each row with one pooler (pool_all's definitions)."""
+    if kind == "attention" and attn_vector is None:
+        raise RoutingError("the attention pooler needs its vector (router.pooler)")
+    return pool_all(h, mask, attn_vector if kind == "attention" else None)[kind]
+
+
+def select_top_k(z: Tensor, k: Tensor | int) -> Tensor:
+    """[B, E] logits, k (an int or [B]) -> [B, E] bool: the k largest, the lower index first
+    on equal values (what ONNX TopK and a stable descending sort give). By pairwise rank, so
+    the same definition traces into the graph with a per-row k:
+        rank_j = #{i: z_i > z_j} + #{i < j: z_i == z_j};  selected = rank < k."""
+    e = z.shape[-1]
+    zi, zj = z[:, :, None], z[:, None, :]  # [B, E, 1], [B, 1, E]
+    lower = torch.ones(e, e, dtype=torch.bool, device=z.device).triu(1)  # i < j
+    beats = (zi > zj) | ((zi == zj) & lower)  # [B, E(i), E(j)]
+    rank = beats.to(torch.int64).sum(dim=1)  # [B, E]
+    return rank < (k[:, None] if isinstance(k, Tensor) else k)
+
+
+def gates_from_logits(z: Tensor, selected: Tensor, mode: str, masked: float = float("-inf")) -> Tensor:
+    """Gates [B, E] of the selected experts (docs: gate modes):
+    paper:        softmax(z) on the selected experts, 0 elsewhere
+    renormalized: softmax over the selected logits only, 0 elsewhere
+    A selected gate is at least GATE_FLOOR (contract.py): gates != 0 is exactly the selection.
+    `masked` stands in for -inf when building graphs (a finite value keeps all-masked rows finite)."""
+    if mode == "paper":
+        gates = torch.softmax(z, dim=-1)
+    else:
+        gates = torch.softmax(torch.where(selected, z, masked), dim=-1)
+    return floor_selected(gates, selected)
 
 
 def top_k_gates(logits: Tensor, k: int, mode: str) -> tuple[Tensor, Tensor]:
-    """logits [B, E] -> (gates [B, E], probs [B, E]).
-
-    Selection: the k largest logits; on equal logits the lower expert index wins (a stable
-    descending sort: the order ONNX TopK also gives). probs = softmax(logits) over all E.
-    paper:        gates = probs on the selected experts, 0 elsewhere.
-    renormalized: gates = softmax over the selected logits only, 0 elsewhere.
-    A selected gate is at least GATE_FLOOR (contract.py): gates != 0 is exactly the selection.
-    """
-    probs = torch.softmax(logits, dim=-1)  # [B, E]
-    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # [B, E]
-    chosen = order[:, :k]  # [B, k]
-    selected = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)  # [B, E]
-    if mode == "paper":
-        gates = probs
-    else:
-        gates = torch.softmax(torch.where(selected, logits, float("-inf")), dim=-1)
-    return floor_selected(gates, selected), probs
+    """logits [B, E] -> (gates [B, E], probs [B, E]): select_top_k, then gates_from_logits;
+    probs = softmax(logits) over all E (what the load-balancing losses read)."""
+    return gates_from_logits(logits, select_top_k(logits, k), mode), torch.softmax(logits, dim=-1)
 
 
 def floor_selected(gates: Tensor, selected: Tensor) -> Tensor:
@@ -149,7 +175,7 @@ class MiloraRouter(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.half() / model.to(torch.bfloat16) must not demote the router: it runs in float32
-        # whatever the model's dtype (docs/MILORA.md, "Numerics"). Device moves still apply.
+        # whatever the model's dtype (docs/method.md, "The router"). Device moves still apply.
         super()._apply(fn, recurse)
         for p in self.parameters(recurse=False):
             if p.dtype != torch.float32:

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from milora.contract import EXPERTS, NUM_EXPERTS
+from milora.format.contract import EXPERTS, NUM_EXPERTS
 from milora.errors import RoutingError
 
 

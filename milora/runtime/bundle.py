@@ -1,6 +1,6 @@
 """An opened export directory (OUT_DIR): manifest, verified files, tokenizer, chat template.
 
-Reads only what milora-export wrote (milora.export.manifest is torch-free); imports neither
+Reads only what milora-export wrote (milora.format.manifest is torch-free); imports neither
 torch nor transformers.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.errors import ManifestError
-from milora.export import manifest as mf
+from milora.format import manifest as mf
 
 
 @dataclass
@@ -39,25 +39,38 @@ class Bundle:
                                 "fast tokenizer")
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(tok_path))
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
+            raise ManifestError(f"{tok_path} cannot be read as a tokenizer ({str(exc)[:200]}); the file is corrupt: "
+                                "export again") from None
         tok_cfg = _read_json(root / "tokenizer_config.json")
         gen_cfg = _read_json(root / "generation_config.json")
         special = {k: _token_text(tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         special = {k: v for k, v in special.items() if v}
-        eos = gen_cfg.get("eos_token_id", None)
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        vocab = manifest["base"]["vocab_size"]
+        eos_ids = _token_ids(gen_cfg.get("eos_token_id"), "eos_token_id", vocab, root)
         if not eos_ids and special.get("eos_token"):
             tid = tokenizer.token_to_id(special["eos_token"])
             eos_ids = [tid] if tid is not None else []
-        pad = gen_cfg.get("pad_token_id")
-        if pad is None and special.get("pad_token"):
-            pad = tokenizer.token_to_id(special["pad_token"])
+        pad = _token_ids(gen_cfg.get("pad_token_id"), "pad_token_id", vocab, root)
+        if not pad and special.get("pad_token"):
+            tid = tokenizer.token_to_id(special["pad_token"])
+            pad = [tid] if tid is not None else []
+        # Any id in range works as padding: the graphs ignore masked positions (docs/export.md).
+        pad_id = pad[0] if pad else (eos_ids[0] if eos_ids else 0)
+        if not 0 <= pad_id < vocab:
+            pad_id = 0
         template = tok_cfg.get("chat_template")
         jinja = root / "chat_template.jinja"
         if template is None and jinja.is_file():
-            template = jinja.read_text()
-        return cls(root, manifest, tokenizer, tuple(int(e) for e in eos_ids),
-                   int(pad if pad is not None else (eos_ids[0] if eos_ids else 0)), template, special)
+            template = jinja.read_text(encoding="utf-8", errors="replace")
+        if template is not None and not isinstance(template, str):
+            # A list of named templates ({"name", "template"}): use "default" as transformers does.
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)} \
+                if isinstance(template, list) else {}
+            template = named.get("default") if isinstance(named.get("default"), str) else None
+        return cls(root, manifest, tokenizer, tuple(eos_ids), pad_id, template, special)
 
     @property
     def num_layers(self) -> int:
@@ -81,21 +94,44 @@ class Bundle:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
-                                                           **self.special_tokens)
+        try:
+            text = env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+                                                              **self.special_tokens)
+        except ManifestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the template is code from the model directory: any error is its own
+            raise ManifestError(f"the chat template of {self.root} failed on these messages ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}); expected a Hugging Face chat template. Fix: correct "
+                                "chat_template in the model's tokenizer_config.json and export again, or pass a "
+                                "plain prompt") from None
+        if not isinstance(text, str):
+            raise ManifestError(f"the chat template of {self.root} did not render text; export again")
+        return text
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc})") from None
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{path} is not valid JSON ({str(exc)[:200]}); the file is corrupt: export again") \
+            from None
     return data if isinstance(data, dict) else {}
+
+
+def _token_ids(value: Any, key: str, vocab: int, root: Path) -> list[int]:
+    """generation_config's eos_token_id / pad_token_id: an id or a list of ids, each in the vocabulary."""
+    ids = [value] if not isinstance(value, list) else value
+    ids = [i for i in ids if i is not None]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+        raise ManifestError(f"{root / 'generation_config.json'}: {key}={value!r}; expected token ids in "
+                            f"0..{vocab - 1}. Fix: correct the file (it was copied from the model directory) or "
+                            "export again")
+    return list(ids)
 
 
 def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None

@@ -20,17 +20,18 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from milora.errors import CapacityError, NumericalError, OverloadError, RequestError, TenantError
+from milora.errors import CapacityError, MiloraError, NumericalError, OverloadError, RequestError, TenantError
 from milora.runtime.bundle import Bundle
-from milora.runtime.ort_backend import BatchKV, OrtBackend
+from milora.runtime.detokenize import IncrementalDetokenizer
+from milora.runtime.backend import Backend, KVState
+from milora.runtime.ort_backend import open_backend
 from milora.runtime.sampling import Sampler, SamplingParams, find_stop, token_logprobs
 from milora.runtime.tenants import TenantRegistry
 
-_NO_IDS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -50,7 +51,15 @@ class Request:
     finished_at: float | None = None
     # with params.logprobs: per generated token, (log p(token), [(id, log p)] top alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each output token was accepted
+    # Called (under the engine lock, by whichever thread runs the step) after each new token
+    # and once when the request ends; it must be quick, must not raise and must not call the
+    # engine (a server uses it to wake the coroutine that streams this request).
+    on_update: Callable[["Request"], None] | None = None
     _sampler: Sampler | None = None
+    _detok: IncrementalDetokenizer | None = None
+    _end_ids: frozenset[int] = frozenset()  # token ids that end the request (EOS unless ignored, stop ids)
+    _seen: np.ndarray | None = None  # [V] bool, prompt and output ids: kept only for a repetition penalty
     _slot: int | None = None
     _streamed: int = 0
 
@@ -76,12 +85,23 @@ def _locked(method):
 DEFAULT_MAX_QUEUE = 4096
 
 
+def _notify(r: Request) -> None:
+    if r.on_update is not None:
+        try:
+            r.on_update(r)
+        except Exception:  # noqa: BLE001 - a client's callback must never stop the batch
+            r.on_update = None
+
+
 class Engine:
     def __init__(self, out_dir: str | Path, providers: Sequence[str] | None = None, max_batch: int = 8,
                  kv_budget_tokens: int | None = None, threads: int | None = None, verify: bool = True,
-                 share_weights: bool = False, max_queue: int = DEFAULT_MAX_QUEUE):
-        """share_weights: map the export's one weights file once for both graphs (about 40% less
-        memory, for small devices; slower decode on CPU because weights are not prepacked).
+                 share_weights: bool = False, max_queue: int = DEFAULT_MAX_QUEUE,
+                 backend: Backend | Callable[[Bundle], Backend] | None = None):
+        """backend: a Backend (milora.runtime.backend) or a factory called with the opened Bundle;
+        default: onnxruntime for the export's graph flavour (OrtBackend, FusedOrtBackend). share_weights: map the export's one
+        weights file once for both graphs (about 40% less memory, for small devices; slower
+        decode on CPU because weights are not prepacked).
         max_queue: requests waiting for admission beyond this are refused (OverloadError)."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise RequestError(f"max_batch={max_batch!r}; expected an integer >= 1")
@@ -91,8 +111,14 @@ class Engine:
         self.max_queue = max_queue
         self.bundle = Bundle.open(out_dir, verify=verify)
         m = self.bundle.manifest
-        self.backend = OrtBackend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id,
-                                  share_weights=share_weights)
+        if backend is None:
+            backend = open_backend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id,
+                                   share_weights=share_weights)
+        elif not isinstance(backend, Backend) and callable(backend):
+            backend = backend(self.bundle)
+        if not isinstance(backend, Backend):
+            raise RequestError(f"backend {type(backend).__name__} does not implement milora.runtime.backend.Backend")
+        self.backend: Backend = backend
         self.max_batch = max_batch
         self.max_context = m["base"].get("max_position_embeddings")
         self.kv_budget = kv_budget_tokens or max_batch * (self.max_context or 2048)
@@ -103,12 +129,12 @@ class Engine:
         self._ids = itertools.count()
         self._queue: deque[Request] = deque()
         self._rows: list[Request] = []
-        self._kv: BatchKV = self.backend.empty_kv()
+        self._kv: KVState = self.backend.empty_kv()
         self._kv_reserved = 0
         # Per-row decode inputs derived from (tenant, routing): rebuilt only when the batch's
         # membership changes, never per step (routing is fixed after prefill).
-        self._slots = np.zeros(0, dtype=np.int64)
-        self._gates = np.zeros((0, self.bundle.num_layers, 7), dtype=np.float32)
+        self._rows_bound = self.backend.bind_rows(np.zeros(0, dtype=np.int64),
+                                                  np.zeros((0, self.bundle.num_layers, 7), dtype=np.float32))
 
     @_locked
     def close(self) -> None:
@@ -116,6 +142,8 @@ class Engine:
         for r in list(self._queue) + list(self._rows):
             self.cancel(r)
         # The registry holds bound methods of the backend: drop both so the sessions go now.
+        if self.backend is not None:
+            self.backend.close()
         self.backend = self.tenants = None
 
     def __enter__(self) -> "Engine":
@@ -129,14 +157,31 @@ class Engine:
     @_locked
     def add_tenant(self, name: str, source: str | Path, pin: bool = False) -> None:
         """Register a tenant from a slot pack (.safetensors written by milora-export) or a MiLoRA /
-        format-v1 adapter directory (converted here: no re-export)."""
+        format-v1 adapter directory (converted here: no re-export). Either is read and checked
+        now (shapes, base, finite values: NonFiniteError names the tensors); the pack is built or
+        read again when a slot needs it."""
         path = Path(source)
         if not path.exists():
             raise TenantError(f"adapter source {path} does not exist")
         kind = "adapter" if path.is_dir() else "pack"
         if kind == "adapter":
-            self._read_checked_adapter(path)  # validate now; the pack is built when a slot needs it
+            self._read_checked_adapter(path, name)  # validate now; the pack is built when a slot needs it
+        else:
+            from milora.format.pack import load_pack
+
+            load_pack(path, self.bundle.manifest, where=f"tenant {name!r}")
         self.tenants.add(name, (kind, path), pin=pin)
+
+    @_locked
+    def acquire_slot(self, tenant: str | None) -> int:
+        """The slot of a tenant, loaded if needed and held (not evicted) until release_slot;
+        None: slot 0, the base model. For callers that run the backend directly (scoring)."""
+        return 0 if tenant is None else self.tenants.acquire(tenant)
+
+    @_locked
+    def release_slot(self, tenant: str | None) -> None:
+        if tenant is not None:
+            self.tenants.release(tenant)
 
     @_locked
     def remove_tenant(self, name: str) -> None:
@@ -150,12 +195,16 @@ class Engine:
     def unpin(self, name: str) -> None:
         self.tenants.unpin(name)
 
-    def _read_checked_adapter(self, path: Path):
+    def _read_checked_adapter(self, path: Path, name: str | None = None):
         """(config, tensors) of an adapter directory that fits this export's base and banks."""
-        from milora.adapter_format import check_base, read_adapter
+        from milora.format.adapter import check_base, read_adapter
+        from milora.errors import NonFiniteError
 
         m = self.bundle.manifest
-        config, base, tensors = read_adapter(path)
+        try:
+            config, base, tensors = read_adapter(path)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"tenant {name!r}: {exc}" if name else str(exc), exc.problems) from None
         check_base(base, m["base"], f"adapter {path}")
         if config.rank > m["max_rank"]:
             raise TenantError(f"adapter {path} has rank {config.rank} but this export's banks hold rank "
@@ -163,24 +212,30 @@ class Engine:
         return config, tensors
 
     def _adapter_pack(self, path: Path) -> dict[str, np.ndarray]:
-        from milora.export.banks import build_pack
+        from milora.format.pack import build_pack
 
         m = self.bundle.manifest
         config, tensors = self._read_checked_adapter(path)
         return build_pack(config, tensors, m["base"], m["max_rank"], m["dtype"])
 
     def _load_slot(self, slot: int, name: str, source: tuple[str, Path]) -> None:
-        from milora.export.banks import load_pack
+        from milora.errors import SlotLoadError
+        from milora.format.pack import load_pack
 
         kind, path = source
-        pack = self._adapter_pack(path) if kind == "adapter" else load_pack(path, self.bundle.manifest)
+        try:
+            pack = self._adapter_pack(path) if kind == "adapter" else load_pack(path, self.bundle.manifest)
+        except MiloraError as exc:
+            # A TenantError: only this tenant's requests fail, the others keep being served.
+            raise SlotLoadError(f"tenant {name!r} cannot be loaded into slot {slot}: {exc}", cause=exc) from exc
         self.backend.write_slot(slot, pack)
 
     # ---- requests ----
 
     @_locked
     def submit(self, tenant: str | None, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
-               prompt_ids: list[int] | None = None, params: SamplingParams | None = None) -> Request:
+               prompt_ids: list[int] | None = None, params: SamplingParams | None = None,
+               on_update: Callable[[Request], None] | None = None) -> Request:
         """Queue a request. Exactly one of prompt (raw text), messages (chat, templated) or
         prompt_ids. Each chat turn is a new prompt: routed and prefilled again. tenant None
         serves the bare base model (slot 0: no adapter, no router)."""
@@ -202,7 +257,13 @@ class Engine:
         if params is not None and not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         params = params or SamplingParams()
-        req = Request(next(self._ids), tenant, ids, params, _sampler=Sampler(params))
+        req = Request(next(self._ids), tenant, ids, params, _sampler=Sampler(params), on_update=on_update,
+                      _detok=IncrementalDetokenizer(self.bundle.tokenizer),
+                      _end_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                                   else frozenset(self.bundle.eos_token_ids)))
+        if params.repetition_penalty != 1.0:
+            req._seen = np.zeros(self.vocab_size, dtype=bool)
+            req._seen[ids] = True
         if self.max_context and req.reservation > self.max_context:
             raise CapacityError(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
                                 f"the model's context of {self.max_context}; shorten the prompt or lower max_new_tokens")
@@ -212,7 +273,6 @@ class Engine:
         self._queue.append(req)
         return req
 
-    @_locked
     def _check_ids(self, prompt_ids) -> list[int]:
         """prompt_ids as a list of ints in [0, vocab_size), else RequestError (never fed to a graph:
         an out-of-range id would fail inside onnxruntime, a negative one would wrap silently)."""
@@ -228,6 +288,7 @@ class Engine:
                                f"expected ids in 0..{self.vocab_size - 1} (this export's vocab_size)")
         return ids
 
+    @_locked
     def cancel(self, req: Request) -> None:
         if req.done:
             return
@@ -241,6 +302,7 @@ class Engine:
             self._free(req)
         req.status, req.finish_reason = "cancelled", "cancelled"
         req.finished_at = time.perf_counter()
+        _notify(req)
 
     @property
     def idle(self) -> bool:
@@ -249,7 +311,7 @@ class Engine:
     @_locked
     def stats(self) -> dict[str, Any]:
         return {"queued": len(self._queue), "running": len(self._rows), "kv_reserved_tokens": self._kv_reserved,
-                "kv_batch_tokens": self._kv.mask.size, "tenant_refs": self.tenants.in_use(),
+                "kv_batch_tokens": self._kv.tokens, "tenant_refs": self.tenants.in_use(),
                 "loaded_tenants": self.tenants.slots()}
 
     # ---- scheduling ----
@@ -280,6 +342,7 @@ class Engine:
                     break  # a running request will release a slot
                 self._queue.popleft()
                 self._fail(req, exc)
+                _notify(req)
                 continue
             self._queue.popleft()
             self._kv_reserved += req.reservation
@@ -296,8 +359,9 @@ class Engine:
             if not finite[i]:
                 self._fail_numerics(r, "routing gates and logits of its prompt" if not np.isfinite(gates[i]).all()
                                     else "logits of its prompt")
-                continue
-            self._accept(r, logits[i])
+            else:
+                self._accept(r, logits[i])
+            _notify(r)
         self._rows.extend(reqs)
         self._kv = self.backend.merge(self._kv, kv)
         self._membership_changed()
@@ -305,28 +369,34 @@ class Engine:
 
     def _decode(self) -> None:
         ids = np.array([r.output_ids[-1] for r in self._rows], dtype=np.int64)
-        logits = self.backend.decode(ids, self._kv, self._slots, self._gates)
+        logits = self.backend.decode(ids, self._kv, self._rows_bound)
         finite = np.isfinite(logits.max(axis=1))  # [B]: NaN and +inf propagate through max
         for i, r in enumerate(self._rows):
             if finite[i]:
                 self._accept(r, logits[i])
             else:
                 self._fail_numerics(r, f"logits at generated token {len(r.output_ids) + 1}")
+            _notify(r)
         self._drop_finished()
 
     def _accept(self, r: Request, logits: np.ndarray) -> None:
         """Sample one token for a request and apply its stop rules."""
         p = r.params
-        # Only the repetition penalty reads the history: don't rebuild it per step otherwise.
-        seen = np.asarray(r.prompt_ids + r.output_ids, dtype=np.int64) if p.repetition_penalty != 1.0 else _NO_IDS
-        tok = r._sampler(logits, seen)
+        if len(r.output_ids) < p.min_new_tokens and r._end_ids:
+            logits = logits.copy()
+            logits[list(r._end_ids)] = -np.inf  # too early to end: EOS and stop tokens are off
+        tok = r._sampler(logits, r._seen)
         if p.logprobs is not None:
             r.logprobs.append(token_logprobs(logits, tok, p.logprobs))
-        if (tok in self.bundle.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        if tok in r._end_ids:
             return self._finish(r, "eos" if tok in self.bundle.eos_token_ids else "stop")
         r.output_ids.append(tok)
+        r.token_times.append(time.perf_counter())
+        if r._seen is not None:
+            r._seen[tok] = True
         before = len(r.text)
-        r.text = self.bundle.decode(r.output_ids)
+        r._detok.add(tok)
+        r.text = r._detok.text
         if p.stop:
             at = find_stop(r.text, p.stop, before)
             if at is not None:
@@ -336,6 +406,9 @@ class Engine:
             self._finish(r, "length")
 
     def _finish(self, r: Request, reason: str) -> None:
+        if reason != "stop":  # text held back for an unfinished character shows, as a full decode would
+            r._detok.finish()
+            r.text = r._detok.text
         r.status, r.finish_reason, r.finished_at = "finished", reason, time.perf_counter()
 
     def _drop_finished(self) -> None:
@@ -350,9 +423,10 @@ class Engine:
         self._membership_changed()
 
     def _membership_changed(self) -> None:
-        self._slots = np.array([r._slot for r in self._rows], dtype=np.int64)  # [B]
-        self._gates = (np.stack([r.gates for r in self._rows]).astype(np.float32) if self._rows
-                       else self._gates[:0])  # [B, L, 7]
+        slots = np.array([r._slot for r in self._rows], dtype=np.int64)  # [B]
+        gates = (np.stack([r.gates for r in self._rows]).astype(np.float32) if self._rows
+                 else np.zeros((0, self.bundle.num_layers, 7), dtype=np.float32))  # [B, L, 7]
+        self._rows_bound = self.backend.bind_rows(slots, gates)
 
     def _free(self, r: Request) -> None:
         if r.tenant is not None:

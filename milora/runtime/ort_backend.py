@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from milora.errors import ManifestError, RequestError
-from milora.export import manifest as mf
-from milora.export.banks import NP_DTYPES
+from milora.format import manifest as mf
+from milora.format.manifest import NP_DTYPES
 from milora.runtime.weights import map_shared_initializers
 
 
@@ -35,8 +35,22 @@ class BatchKV:
     def length(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def tokens(self) -> int:
+        return self.mask.size
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The running rows' per-batch inputs (Backend.bind_rows): slots [B] and gates [B, L, 7]."""
+
+    slots: np.ndarray
+    gates: np.ndarray
+
 
 class OrtBackend:
+    """The Backend (milora.runtime.backend) of the portable graphs on onnxruntime."""
+
     def __init__(self, root, manifest: dict[str, Any], providers: Sequence[str] | None = None,
                  threads: int | None = None, pad_token_id: int = 0, share_weights: bool = False):
         import onnxruntime as ort
@@ -157,23 +171,32 @@ class OrtBackend:
         gates = out[1].numpy().copy()  # [b, L, 7]
         return logits, gates, BatchKV(mask, [o.numpy() for o in out[2:]])
 
-    def decode(self, ids: np.ndarray, kv: BatchKV, slots: np.ndarray, gates: np.ndarray) -> np.ndarray:
+    def bind_rows(self, slots: np.ndarray, gates: np.ndarray) -> Rows:
+        """The decode graph takes slots and gates as inputs: checked once here, fed every step."""
+        return Rows(self.check_slots(slots), np.ascontiguousarray(gates, dtype=np.float32))
+
+    def decode(self, ids: np.ndarray, kv: BatchKV, rows: Rows) -> np.ndarray:
         """One decode step for the running batch: ids [B] -> logits [B, V]; kv advances by one."""
         ones = np.ones((ids.shape[0], 1), dtype=np.int64)
-        return self.extend(ids.reshape(-1, 1), ones, kv, slots, gates)[:, -1, :]
+        return self.extend(ids.reshape(-1, 1), ones, kv, rows)[:, -1, :]
 
-    def extend(self, ids: np.ndarray, new_mask: np.ndarray, kv: BatchKV, slots: np.ndarray,
-               gates: np.ndarray) -> np.ndarray:
+    def extend(self, ids: np.ndarray, new_mask: np.ndarray, kv: BatchKV, rows: Rows) -> np.ndarray:
         """Run the decode graph (no router) on T new tokens per row: ids [B, T], new_mask [B, T]
         (0 marks right padding) -> logits [B, T, V]; kv advances by T."""
-        slots = self.check_slots(slots)
+        if not isinstance(rows, Rows):
+            raise RequestError(f"rows must come from bind_rows(slots, gates), got {type(rows).__name__}")
         mask = np.concatenate([kv.mask, new_mask.astype(np.int64)], axis=1)  # [B, P+T]
-        feeds = {mf.INPUT_IDS: ids.astype(np.int64), mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots,
-                 mf.GATES: gates}
+        feeds = {mf.INPUT_IDS: ids.astype(np.int64), mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: rows.slots,
+                 mf.GATES: rows.gates}
         feeds.update(zip(self.past_names, kv.past))
         out = self._run("decode", feeds, [mf.LOGITS, *self.present_names])
         kv.mask, kv.past = mask, out[1:]
         return out[0].numpy().astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Drop the sessions, bindings and banks (the weights go with the sessions)."""
+        self.sessions, self._bindings, self._bank_values, self.banks = {}, {}, {}, {}
+        self.shared_weights = None
 
     def repeat_rows(self, kv: BatchKV, n: int) -> BatchKV:
         """Each row repeated n times (one prompt's cache for n continuations)."""
@@ -213,3 +236,13 @@ def _left_pad(x: np.ndarray, length: int, axis: int = 1) -> np.ndarray:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (pad, 0)
     return np.pad(x, widths)
+
+
+def open_backend(root, manifest: dict[str, Any], providers: Sequence[str] | None = None, threads: int | None = None,
+                 pad_token_id: int = 0, share_weights: bool = False) -> OrtBackend:
+    """The onnxruntime backend for an export's graph flavour (manifest "flavour")."""
+    if manifest.get("flavour") == mf.FLAVOUR_FUSED:
+        from milora.runtime.fused_backend import FusedOrtBackend
+
+        return FusedOrtBackend(root, manifest, providers, threads, pad_token_id, share_weights=share_weights)
+    return OrtBackend(root, manifest, providers, threads, pad_token_id, share_weights=share_weights)

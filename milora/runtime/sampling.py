@@ -33,12 +33,14 @@ def _is_real(value) -> bool:
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters.
+    min_new_tokens: EOS and stop_token_ids cannot end the request before that many tokens.
     repetition_penalty > 1 divides positive (multiplies negative) logits of tokens already in
     the prompt or output (CTRL-style, as in Hugging Face). logprobs N (0..20): record, per
     generated token, its log-probability and the N most likely alternatives, from the model's
     own distribution (log-softmax of the logits, before temperature and penalties); None: off."""
 
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -52,6 +54,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("min_new_tokens", _is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+             f"an integer in 0..max_new_tokens ({self.max_new_tokens})"),
             ("temperature", _is_real(self.temperature) and self.temperature >= 0, "a finite number >= 0 (0 = greedy)"),
             ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
             ("top_p", _is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "a number in (0, 1] (1 = off)"),
@@ -103,16 +107,17 @@ class Sampler:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.params.seed)
 
-    def __call__(self, logits: np.ndarray, seen: np.ndarray) -> int:
-        """logits [V] float; seen: token ids of prompt + output so far."""
+    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
+        """logits [V] float; seen [V] bool: the ids of prompt + output so far (read only for a
+        repetition penalty; kept up to date by the caller, so no per-step work grows with the
+        context)."""
         p = self.params
         if p.greedy and p.repetition_penalty == 1.0:
             return int(np.argmax(logits))  # hot path: no copy of the [V] logits
         logits = logits.astype(np.float64, copy=True)
-        if p.repetition_penalty != 1.0 and seen.size:
-            ids = np.unique(seen)
-            vals = logits[ids]
-            logits[ids] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.repetition_penalty != 1.0 and seen is not None:
+            vals = logits[seen]
+            logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(logits))  # first index on ties, like torch.argmax
         logits = logits / p.temperature

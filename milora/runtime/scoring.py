@@ -29,7 +29,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def score_options(engine, tenant: str | None, prompt_ids: Sequence[int], options: Sequence[Sequence[int]]) -> list[float]:
     """Summed log-likelihood of each option (token ids) as the continuation of the prompt."""
     backend = engine.backend
-    slot = 0 if tenant is None else engine.tenants.acquire(tenant)
+    slot = engine.acquire_slot(tenant)
     try:
         last, gates, kv = backend.prefill([list(prompt_ids)], [slot])  # [1, V], [1, L, 7]
         first = _log_softmax(last[0])
@@ -41,12 +41,12 @@ def score_options(engine, tenant: str | None, prompt_ids: Sequence[int], options
         for i, o in enumerate(options):
             ids[i, : len(o)], mask[i, : len(o)] = o, 1
         kv = backend.repeat_rows(kv, c)
-        logits = backend.extend(ids, mask, kv, np.full(c, slot, dtype=np.int64), np.repeat(gates, c, axis=0))
+        rows = backend.bind_rows(np.full(c, slot, dtype=np.int64), np.repeat(gates, c, axis=0))
+        logits = backend.extend(ids, mask, kv, rows)
         logp = _log_softmax(logits)  # [C, O, V]
         return [float(first[o[0]] + sum(logp[i, j - 1, o[j]] for j in range(1, len(o)))) for i, o in enumerate(options)]
     finally:
-        if tenant is not None:
-            engine.tenants.release(tenant)
+        engine.release_slot(tenant)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from milora.errors import DataError, MiloraError
-from milora.model.config import MiloraConfig
+from milora.format.config import MiloraConfig
 from milora.train.data import Example, load_task, read_jsonl
 from milora.train.eval import EvalResult, evaluate
 from milora.train.loop import TrainConfig, TrainResult, train
@@ -87,7 +87,7 @@ def train_adapter(base: str | Path, out_dir: str | Path, adapter: MiloraConfig, 
     if save_dtype is not None:
         # Re-save the kept (best) adapter in the smaller dtype (routers stay float32), loaded
         # into the model already in memory rather than into a second copy of the base.
-        from milora.adapter_format import read_adapter
+        from milora.format.adapter import read_adapter
 
         _, _, tensors = read_adapter(out_dir)
         milora.load_adapter_state_dict(tensors, where=str(out_dir))

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from milora.errors import ConfigError, MiloraError
+from milora.cli_errors import ArgumentParser, cli_main, positive
+from milora.errors import ConfigError, UsageError
 
 # flag dest -> MiloraConfig field
 ADAPTER_FLAGS = {"rank": "rank", "alpha": "alpha", "top_k": "top_k", "pooler": "pooler", "activation": "activation",
@@ -31,7 +32,7 @@ TRAIN_FLAGS = {"lr": "lr", "weight_decay": "weight_decay", "warmup_ratio": "warm
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="milora-train", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="milora-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--base", required=True, help="base model directory (Hugging Face), or 'smollm2'")
     p.add_argument("--out", required=True, help="output adapter directory")
@@ -78,25 +79,34 @@ def read_config_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     if path is None:
         return {}, {}
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        raise ConfigError(f"config file {path} does not exist; expected a JSON file. Fix: check the --config "
+                          "path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {getattr(exc, 'msg', exc)}; expected "
+                          '{"adapter": {...}, "train": {...}}') from None
     unknown = sorted(set(data) - {"adapter", "train"}) if isinstance(data, dict) else ["<not an object>"]
     if unknown:
         raise ConfigError(f"config file {path}: unexpected top-level keys {unknown}; expected 'adapter' and 'train'")
-    return dict(data.get("adapter", {})), dict(data.get("train", {}))
+    sections = data.get("adapter", {}), data.get("train", {})
+    if not all(isinstance(x, dict) for x in sections):
+        raise ConfigError(f"config file {path}: 'adapter' and 'train' must be JSON objects of option: value")
+    return dict(sections[0]), dict(sections[1])
 
 
 def configs_from_args(args: argparse.Namespace):
-    from milora.model.config import MiloraConfig
+    from milora.format.config import MiloraConfig
     from milora.train.loop import TrainConfig
 
     adapter, training = read_config_file(args.config)
     adapter.update({f: getattr(args, d) for d, f in ADAPTER_FLAGS.items() if getattr(args, d) is not None})
     training.update({f: getattr(args, d) for d, f in TRAIN_FLAGS.items() if getattr(args, d) is not None})
     if args.lora:
+        if args.top_k is not None:
+            raise UsageError(f"--top-k {args.top_k} contradicts --lora: a plain LoRA adapter has no router and "
+                             "switches every target module on; expected one of them. Fix: drop --top-k, or drop "
+                             "--lora to train MiLoRA")
         adapter["routed"] = False
         adapter["top_k"] = len(adapter.get("target_modules") or range(7))
     if args.no_chat:
@@ -107,21 +117,21 @@ def configs_from_args(args: argparse.Namespace):
         raise ConfigError(f"adapter options: {exc}") from None
 
 
+@cli_main("milora-train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        import torch
+    for flag in ("train_limit", "dev_limit", "max_steps", "batch_size", "grad_accum", "eval_every", "patience",
+                 "max_length"):
+        positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    import torch
 
-        from milora.train.api import train_adapter
+    from milora.train.api import train_adapter
 
-        adapter, training = configs_from_args(args)
-        result = train_adapter(args.base, args.out, adapter, training, task=args.task, data=args.data,
-                               dev_data=args.dev_data, train_limit=args.train_limit, dev_limit=args.dev_limit,
-                               resume=args.resume, progress=not args.no_progress,
-                               save_dtype=torch.float16 if args.fp16 else None)
-    except MiloraError as exc:
-        print(f"milora-train: error: {exc}", file=sys.stderr)
-        return 2
+    adapter, training = configs_from_args(args)
+    result = train_adapter(args.base, args.out, adapter, training, task=args.task, data=args.data,
+                           dev_data=args.dev_data, train_limit=args.train_limit, dev_limit=args.dev_limit,
+                           resume=args.resume, progress=not args.no_progress,
+                           save_dtype=torch.float16 if args.fp16 else None)
     best = f", best dev loss {result.best_dev_loss:.4f} at step {result.best_step}" if result.best_dev_loss else ""
     stop = " (early stop)" if result.stopped_early else ""
     print(f"trained {result.steps} steps{stop}{best}; adapter in {args.out}")

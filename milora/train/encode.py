@@ -3,7 +3,7 @@
 Shape legend: B rows, T tokens (padded).
 
 A row is prompt tokens followed by response tokens and EOS. Two masks come out of it, kept
-separate as docs/MILORA.md requires: the routing mask (the prompt span: routers pool only
+separate as docs/method.md requires: the routing mask (the prompt span: routers pool only
 these tokens) and the attention mask (prompt and response). Labels are -100 on the prompt
 and on padding, so prompt tokens carry no loss.
 """

@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from milora.cli_errors import ArgumentParser, cli_main, positive
 from milora.errors import MiloraError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="milora-eval", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="milora-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--base", required=True, help="base model directory (Hugging Face), or 'smollm2'")
     p.add_argument("--adapter", help="adapter directory (omit to evaluate the base model)")
@@ -39,34 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main("milora-eval")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        print(f"milora-eval: error: --limit must be >= 1, got {args.limit}", file=sys.stderr)
-        return 2
-    try:
-        from milora.train.api import dataset, evaluate_adapter, load_for_eval, write_json
+    positive("--limit", args.limit)
+    positive("--max-new-tokens", args.max_new_tokens)
+    from milora.train.api import dataset, evaluate_adapter, load_for_eval, write_json
 
-        report = evaluate_adapter(args.base, args.adapter, task=args.task, data=args.data, split=args.split,
-                                  limit=args.limit, chat=not args.no_chat, norm=args.norm,
-                                  max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
-        print(f"{report.task} [{report.split}] {args.adapter or 'base model'}: {report.result.summary()}")
-        if args.json:
-            write_json(report.to_dict(), args.json)
-        if args.routing_stats:
-            from milora.model.model import MiloraModel
-            from milora.train.routing_stats import expert_frequencies, write_stats
+    report = evaluate_adapter(args.base, args.adapter, task=args.task, data=args.data, split=args.split,
+                              limit=args.limit, chat=not args.no_chat, norm=args.norm,
+                              max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    print(f"{report.task} [{report.split}] {args.adapter or 'base model'}: {report.result.summary()}")
+    if args.json:
+        write_json(report.to_dict(), args.json)
+    if args.routing_stats:
+        from milora.model.model import MiloraModel
+        from milora.train.routing_stats import expert_frequencies, write_stats
 
-            model, tok = load_for_eval(args.base, args.adapter)
-            if not isinstance(model, MiloraModel) or model.routers is None:
-                raise MiloraError("--routing-stats needs a routed (MiLoRA) adapter: give --adapter with a router")
-            examples = dataset(args.task, args.data, args.split if args.task else "all", args.limit, dev_percent=0)
-            freq = expert_frequencies(model, tok, examples, chat=not args.no_chat)
-            js, png = write_stats(freq, len(examples), args.routing_stats, label=f"{report.task} {args.adapter}")
-            print(f"routing statistics: {js}, {png}")
-    except MiloraError as exc:
-        print(f"milora-eval: error: {exc}", file=sys.stderr)
-        return 2
+        model, tok = load_for_eval(args.base, args.adapter)
+        if not isinstance(model, MiloraModel) or model.routers is None:
+            raise MiloraError("--routing-stats needs a routed (MiLoRA) adapter: give --adapter with a router")
+        examples = dataset(args.task, args.data, args.split if args.task else "all", args.limit, dev_percent=0)
+        freq = expert_frequencies(model, tok, examples, chat=not args.no_chat)
+        js, png = write_stats(freq, len(examples), args.routing_stats, label=f"{report.task} {args.adapter}")
+        print(f"routing statistics: {js}, {png}")
     return 0
 
 

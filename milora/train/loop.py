@@ -62,7 +62,7 @@ class TrainConfig:
                   ("max_steps", self.max_steps is None or self.max_steps >= 1)]
         bad = [name for name, ok in checks if not ok]
         if bad:
-            raise TrainingError(f"invalid training option(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+            raise TrainingError("invalid training option(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,7 +144,7 @@ def _save_checkpoint(out_dir: Path, model, opt, sched, state: dict[str, Any]) ->
 
 
 def _load_checkpoint(out_dir: Path, model, opt, sched, cfg: TrainConfig) -> dict[str, Any]:
-    from milora.adapter_format import read_adapter
+    from milora.format.adapter import read_adapter
 
     ckpt = out_dir / CHECKPOINT_DIR
     if not (ckpt / "state.pt").is_file():

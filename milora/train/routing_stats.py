@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from milora.contract import EXPERTS
+from milora.format.contract import EXPERTS
 from milora.errors import DataError, MiloraError
 from milora.train.data import Example
 from milora.train.encode import pad_id_of, prompt_ids

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from milora.errors import ImportError_
+from milora.errors import AdapterImportError
 from milora.model.importers.common import ImportedAdapter, write_adapter
 from milora.model.importers.peft_adapter import PEFT_CONFIG_FILE, import_peft_adapter
 from milora.model.importers.reference import GATINGS_FILE, MODULES_FILE, import_reference_checkpoint
@@ -55,8 +55,9 @@ def detect_source(src_dir: str | Path) -> str:
         return "peft"
     if (src_dir / MODULES_FILE).is_file() or (src_dir / GATINGS_FILE).is_file():
         return "reference"
-    raise ImportError_(f"{src_dir} holds neither a PEFT adapter ({PEFT_CONFIG_FILE}) nor a reference-code "
-                       f"checkpoint ({MODULES_FILE} + {GATINGS_FILE}); nothing to import")
+    raise AdapterImportError(f"{src_dir} holds neither a PEFT adapter ({PEFT_CONFIG_FILE}) nor a reference-code "
+                       f"checkpoint ({MODULES_FILE} + {GATINGS_FILE}); nothing to import. Fix: give the directory "
+                       "that holds those files")
 
 
 def convert_to_milora(src_dir: str | Path, out_dir: str | Path, base_model_or_dims: Any, *,
@@ -67,8 +68,9 @@ def convert_to_milora(src_dir: str | Path, out_dir: str | Path, base_model_or_di
     kind = detect_source(src_dir)
     if kind == "peft":
         if top_k is not None or alpha is not None:
-            raise ImportError_("top_k and alpha apply to reference-code checkpoints only; a PEFT adapter has no "
-                               "router and records its own alpha")
+            raise AdapterImportError(f"top_k and alpha apply to reference-code checkpoints only, but {src_dir} is a PEFT "
+                               f"adapter (seen top_k={top_k!r}, alpha={alpha!r}; expected neither): it has no router "
+                               "and records its own alpha. Fix: drop --top-k and --alpha")
         adapter = import_peft_adapter(base_model_or_dims, src_dir)
     else:
         adapter = import_reference_checkpoint(base_model_or_dims, src_dir, top_k=top_k, alpha=alpha)

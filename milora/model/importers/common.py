@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from milora.adapter_format import BASE_KEYS, check_tensors, expected_shapes
-from milora.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name
-from milora.errors import ImportError_
-from milora.model.config import MiloraConfig
+from milora.format.adapter import BASE_KEYS, as_os_error, check_tensors, expected_shapes
+from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name
+from milora.errors import AdapterImportError, WriteError
+from milora.format.config import MiloraConfig
 
 
 @dataclass
@@ -52,7 +52,7 @@ def resolve_base(base_model_or_dims: nn.Module | dict[str, Any]) -> dict[str, An
     if isinstance(base_model_or_dims, dict):
         missing = [k for k in BASE_KEYS if k not in base_model_or_dims]
         if missing:
-            raise ImportError_(
+            raise AdapterImportError(
                 f"base dims lack {missing}; expected a dict with {list(BASE_KEYS)} "
                 "(milora.model.inject.base_info(model) builds one) or the base model itself"
             )
@@ -102,24 +102,41 @@ def write_adapter(adapter: ImportedAdapter, out_dir: str | Path) -> Path:
     The files are written to a temporary directory next to `out_dir` and moved into place only
     when complete, so a failure leaves no half-written adapter. An existing non-empty
     `out_dir` is refused rather than overwritten."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ImportError_(f"{out_dir} already exists and is not an empty directory; choose a new output directory")
+        raise AdapterImportError(f"{out_dir} already exists and is not an empty directory; expected a new (or empty) "
+                           "output directory. Fix: choose a new output directory")
     check_tensors({k: tuple(v.shape) for k, v in adapter.tensors.items()},
                   expected_shapes(adapter.config, adapter.base), f"imported adapter for {out_dir}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise _write_error(exc, out_dir) from None
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.tensors.items()}
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "milora", "format_version": "1"})
+        try:
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "milora", "format_version": "1"})
+        except SafetensorError as exc:  # a full disk or a read-only location
+            raise as_os_error(exc, tmp / ADAPTER_WEIGHTS_FILE) from None
         config = adapter.config.to_json_dict(adapter.base)
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(exc, out_dir) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_error(exc: OSError, out_dir: Path) -> WriteError:
+    return WriteError(f"cannot write the adapter to {out_dir}: {exc.strerror or exc} ({exc.filename or out_dir}); "
+                      "nothing was written. Fix: choose an output directory on a writable file system with free "
+                      "space")

@@ -21,10 +21,11 @@ from typing import Any
 
 from torch import Tensor
 
-from milora.adapter_format import module_dims
-from milora.contract import EXPERT_PARENT, EXPERTS
-from milora.errors import BaseMismatchError, ImportError_
-from milora.model.config import MiloraConfig
+from milora.format.adapter import module_dims
+from milora.format.contract import EXPERT_PARENT, EXPERTS
+from milora.errors import BaseMismatchError, AdapterImportError
+from milora.format.finite import check_finite
+from milora.format.config import MiloraConfig
 from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -58,20 +59,20 @@ _REFUSED_FEATURES = (
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-def _refuse(path: Path, what: str, seen: Any, expected: str, fix: str) -> ImportError_:
-    return ImportError_(f"cannot import PEFT adapter {path}: {what} (seen {seen!r}; expected {expected}). Fix: {fix}")
+def _refuse(path: Path, what: str, seen: Any, expected: str, fix: str) -> AdapterImportError:
+    return AdapterImportError(f"cannot import PEFT adapter {path}: {what} (seen {seen!r}; expected {expected}). Fix: {fix}")
 
 
 def read_peft_config(peft_dir: str | Path) -> dict[str, Any]:
     path = Path(peft_dir) / PEFT_CONFIG_FILE
     if not path.is_file():
-        raise ImportError_(f"{peft_dir} is not a PEFT adapter: {PEFT_CONFIG_FILE} is missing")
+        raise AdapterImportError(f"{peft_dir} is not a PEFT adapter: {PEFT_CONFIG_FILE} is missing")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ImportError_(f"{path} is not valid JSON ({exc})") from None
+        raise AdapterImportError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ImportError_(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise AdapterImportError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -107,16 +108,17 @@ def _read_tensors(peft_dir: Path) -> dict[str, Tensor]:
     path = peft_dir / PEFT_WEIGHTS_FILE
     if not path.is_file():
         if (peft_dir / PEFT_PICKLE_FILE).is_file():
-            raise ImportError_(
+            raise AdapterImportError(
                 f"{peft_dir} holds only {PEFT_PICKLE_FILE}, a pickle file, which milora does not open "
                 f"(unpickling can run code); expected {PEFT_WEIGHTS_FILE}. Fix: where you trust the file, "
                 "load it with peft and save it again with save_pretrained(safe_serialization=True)"
             )
-        raise ImportError_(f"{peft_dir}: {PEFT_WEIGHTS_FILE} is missing")
+        raise AdapterImportError(f"{peft_dir}: {PEFT_WEIGHTS_FILE} is missing")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ImportError_(f"{path} cannot be read as safetensors ({exc}); the file is corrupt") from None
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise AdapterImportError(f"{path} cannot be read as safetensors ({exc}); the file is corrupt. Fix: copy the "
+                           "adapter again, or re-save it with peft's save_pretrained") from None
 
 
 def pattern_value(patterns: dict[str, Any], module_key: str, default: Any) -> Any:
@@ -151,9 +153,9 @@ def _group_tensors(tensors: dict[str, Tensor], path: Path) -> dict[tuple[int, st
                       "retrain targeting only those linears (no embeddings, lm_head, DoRA or biases)")
     incomplete = [f"layers.{l}.{m}" for (l, m), g in groups.items() if set(g) != {"A", "B"}]
     if incomplete:
-        raise ImportError_(f"{path}: LoRA modules {incomplete} lack lora_A or lora_B; the file is incomplete")
+        raise AdapterImportError(f"{path}: LoRA modules {incomplete} lack lora_A or lora_B; the file is incomplete")
     if not groups:
-        raise ImportError_(f"{path} holds no LoRA tensors; expected lora_A/lora_B weights of decoder linears")
+        raise AdapterImportError(f"{path} holds no LoRA tensors; expected lora_A/lora_B weights of decoder linears")
     return groups
 
 
@@ -182,13 +184,16 @@ def _check_fits_base(groups: dict[tuple[int, str], dict[str, Tensor]], base: dic
 def import_peft_adapter(base_model_or_dims: Any, peft_dir: str | Path) -> ImportedAdapter:
     """Read the PEFT LoRA adapter in `peft_dir` as a non-routed MiLoRA adapter for the given
     base (a HF model or its base dims). Unpack as `config, tensors = import_peft_adapter(...)`;
-    the result also carries `.base`. Raises ImportError_ for adapters whose maths differs
+    the result also carries `.base`. Raises AdapterImportError for adapters whose maths differs
     from plain LoRA and BaseMismatchError for adapters made for another base."""
     peft_dir = Path(peft_dir)
     base = resolve_base(base_model_or_dims)
     cfg = read_peft_config(peft_dir)
     check_peft_config(cfg, peft_dir / PEFT_CONFIG_FILE)
-    groups = _group_tensors(_read_tensors(peft_dir), peft_dir / PEFT_WEIGHTS_FILE)
+    raw = _read_tensors(peft_dir)
+    check_finite(raw, f"PEFT adapter {peft_dir / PEFT_WEIGHTS_FILE}",
+                 fix="retrain the adapter (or take an earlier checkpoint) from a run whose loss stayed finite")
+    groups = _group_tensors(raw, peft_dir / PEFT_WEIGHTS_FILE)
     _check_fits_base(groups, base, peft_dir)
     pairs: dict[tuple[int, str], LoraPair] = {}
     for (layer, m), g in groups.items():
@@ -196,7 +201,7 @@ def import_peft_adapter(base_model_or_dims: Any, peft_dir: str | Path) -> Import
         rank = g["A"].shape[0]
         declared = pattern_value(cfg.get("rank_pattern") or {}, key, cfg.get("r", rank))
         if declared != rank:
-            raise ImportError_(
+            raise AdapterImportError(
                 f"{peft_dir}: {key} has rank {rank} in the weights but {declared} in {PEFT_CONFIG_FILE} "
                 "(r / rank_pattern); the files do not belong together"
             )

@@ -1,7 +1,7 @@
 """Import a checkpoint of the reference code (github qgyd2021/MiLoRA): lora_modules.bin and
 lora_gatings.bin, whole pickled modules read safely (safe_pickle), mapped onto MiLoRA.
 
-Reference semantics (docs/MILORA.md, "Reference-code checkpoint format"), per layer l:
+Reference semantics (docs/method.md; docs/importing.md, "Reference-code checkpoints"), per layer l:
     modules[7 l + j], j = q, k, v, o, gate, up, down:  update = (alpha / r) * module_b(module_a(x))
         module_a.weight [r, d_in], module_b.weight [d_out, r]   (same layout as our lora_A / lora_B)
     gatings[l] on H_l, the hidden states entering layer l, prompt tokens only:
@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from milora.adapter_format import module_dims
-from milora.contract import EXPERTS, NUM_EXPERTS, router_tensor_name
-from milora.errors import BaseMismatchError, ConfigError, ImportError_
-from milora.model.config import MiloraConfig
+from milora.format.adapter import module_dims
+from milora.format.contract import EXPERTS, NUM_EXPERTS, router_tensor_name
+from milora.errors import BaseMismatchError, ConfigError, AdapterImportError
+from milora.format.finite import check_finite
+from milora.format.config import MiloraConfig
 from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
 from milora.model.importers.safe_pickle import GlobalRef, PickledModule, load_pickled_modules
 from milora.model.router import RATIONAL_INIT
@@ -34,13 +35,17 @@ MODULES_FILE = "lora_modules.bin"
 GATINGS_FILE = "lora_gatings.bin"
 _POOLERS = {"SelfAttnPooler": "attention", "LastPooler": "last", "AdaptiveAvgPool1d": "mean"}
 _ACTIVATIONS = {"GELU": "gelu", "ReLU": "relu", "Rational": "rational", "Identity": "identity"}
+# format-v1 router tensor -> its name in lora_gatings.bin (for messages), {} = the layer index.
+_CHECKPOINT_NAMES = {"weight": "[{}].lora_gate.w_gate", "noise_weight": "[{}].lora_gate.w_noise",
+                     "pooler": "[{}].pooler.attn_vector.weight", "act_num": "[{}].intermediate_act_fn.numerator",
+                     "act_den": "[{}].intermediate_act_fn.denominator"}
 
 
 def _child(module: PickledModule, name: str, kind: str, where: str) -> PickledModule:
     child = module.children.get(name)
     if child is None or child.kind != kind:
         seen = None if child is None else child.cls
-        raise ImportError_(f"{where}.{name}: expected a {kind} module, found {seen}; not a reference-code checkpoint")
+        raise AdapterImportError(f"{where}.{name}: expected a {kind} module, found {seen}; not a reference-code checkpoint")
     return child
 
 
@@ -98,13 +103,13 @@ def _scale(item: PickledModule, rank: int, alpha: float | None, where: str) -> f
     """alpha / r as the reference computes it, from the pickled lora_alpha and lora_rank."""
     stored_rank = item.attrs.get("lora_rank", rank)
     if stored_rank != rank:
-        raise ImportError_(f"{where}: lora_rank attribute {stored_rank} != rank of the weights {rank}")
+        raise AdapterImportError(f"{where}: lora_rank attribute {stored_rank} != rank of the weights {rank}")
     stored = item.attrs.get("lora_alpha")
     if stored is None and alpha is None:
-        raise ImportError_(f"{where} does not record lora_alpha; pass alpha= (the value used in training, "
+        raise AdapterImportError(f"{where} does not record lora_alpha; pass alpha= (the value used in training, "
                            "the reference code's default is 32)")
     if stored is not None and alpha is not None and float(stored) != float(alpha):
-        raise ImportError_(f"{where} records lora_alpha={stored} but alpha={alpha} was given; drop the argument "
+        raise AdapterImportError(f"{where} records lora_alpha={stored} but alpha={alpha} was given; drop the argument "
                            "or pass the recorded value")
     return float(stored if stored is not None else alpha) / rank
 
@@ -114,12 +119,12 @@ def _pooler(gating: PickledModule, d: int, where: str) -> tuple[str, Tensor | No
     pooler = gating.children.get("pooler")
     kind = _POOLERS.get(pooler.kind) if pooler is not None else None
     if kind is None:
-        raise ImportError_(f"{where}.pooler is {None if pooler is None else pooler.cls}; expected one of "
+        raise AdapterImportError(f"{where}.pooler is {None if pooler is None else pooler.cls}; expected one of "
                            f"{list(_POOLERS)} (reference pooler types attn, last, avg)")
     if kind == "last" and pooler.attrs.get("num_prompt_tokens", 1) != 1:
-        raise ImportError_(f"{where}.pooler is LastPooler({pooler.attrs['num_prompt_tokens']}); only 1 is supported")
+        raise AdapterImportError(f"{where}.pooler is LastPooler({pooler.attrs['num_prompt_tokens']}); only 1 is supported")
     if kind == "mean" and pooler.attrs.get("output_size", 1) not in (1, (1,)):
-        raise ImportError_(f"{where}.pooler is AdaptiveAvgPool1d({pooler.attrs['output_size']}); only 1 is supported")
+        raise AdapterImportError(f"{where}.pooler is AdaptiveAvgPool1d({pooler.attrs['output_size']}); only 1 is supported")
     if kind != "attention":
         return kind, None
     linear = _child(pooler, "attn_vector", "Linear", f"{where}.pooler")
@@ -133,14 +138,14 @@ def _activation(gating: PickledModule, where: str) -> tuple[str, Tensor | None, 
         return "identity", None, None
     kind = _ACTIVATIONS.get(act.kind)
     if kind is None or (kind == "gelu" and act.attrs.get("approximate", "none") != "none"):
-        raise ImportError_(f"{where}.intermediate_act_fn is {act.cls} {act.attrs.get('approximate', '')}; expected "
+        raise AdapterImportError(f"{where}.intermediate_act_fn is {act.cls} {act.attrs.get('approximate', '')}; expected "
                            "exact GELU, ReLU, Rational or none")
     if kind != "rational":
         return kind, None, None
     fn = act.attrs.get("activation_function")
     if isinstance(fn, GlobalRef) and not fn.name.endswith("Rational_PYTORCH_B_F"):
         # Versions A, C, D of the Pade unit have other denominators than 1 + |Q(x)|.
-        raise ImportError_(f"{where}.intermediate_act_fn uses {fn.name}; only the 'safe' version B "
+        raise AdapterImportError(f"{where}.intermediate_act_fn uses {fn.name}; only the 'safe' version B "
                            "(Rational_PYTORCH_B_F, R = P / (1 + |Q|)) is supported")
     num = _tensor(act, "numerator", (6,), f"{where}.intermediate_act_fn")
     den = _tensor(act, "denominator", (4,), f"{where}.intermediate_act_fn")
@@ -158,9 +163,24 @@ def _nearest_init(num: Tensor, den: Tensor) -> str:
 
 def _the_same(values: list[Any], what: str, path: Path) -> Any:
     if any(v != values[0] for v in values):
-        raise ImportError_(f"{path}: layers differ in {what} ({sorted(set(map(str, values)))}); a MiLoRA adapter has "
-                           "one value for every layer")
+        groups: dict[str, list[int]] = {}
+        for layer, v in enumerate(values):
+            groups.setdefault(str(v), []).append(layer)
+        seen = "; ".join(f"{v} in layers {_ranges(layers)}" for v, layers in groups.items())
+        raise AdapterImportError(f"{path}: layers differ in {what} ({seen}); expected one {what} for every layer (the MiLoRA "
+                           f"adapter format has one per adapter). Fix: retrain the checkpoint with the same {what} "
+                           "in every layer")
     return values[0]
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(out)
 
 
 def _router(gatings: list[PickledModule], d: int, path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -172,7 +192,7 @@ def _router(gatings: list[PickledModule], d: int, path: Path) -> tuple[dict[str,
         gate = _child(gating, "lora_gate", "LoRAGate", where)
         experts = gate.attrs.get("num_experts", NUM_EXPERTS)
         if experts != NUM_EXPERTS:
-            raise ImportError_(f"{where}.lora_gate has num_experts={experts}, expected {NUM_EXPERTS}")
+            raise AdapterImportError(f"{where}.lora_gate has num_experts={experts}, expected {NUM_EXPERTS}")
         tensors[router_tensor_name(layer, "weight")] = _tensor(gate, "w_gate", (d, NUM_EXPERTS), where).t().contiguous()
         noise = gate.tensors.get("w_noise")
         if noise is not None:
@@ -191,6 +211,9 @@ def _router(gatings: list[PickledModule], d: int, path: Path) -> tuple[dict[str,
         noisy.append(bool(gate.attrs.get("noisy_gating", False)) and noise is not None)
     options = {"pooler": _the_same(poolers, "pooler type", path), "activation": _the_same(acts, "activation", path),
                "stored_k": _the_same(ks, "top-k", path), "noisy_gating": _the_same(noisy, "noisy gating", path)}
+    # Every router tensor the checkpoint holds, noise weights included even when unused.
+    check_finite({_CHECKPOINT_NAMES[k.rsplit(".", 1)[1]].format(k.split(".")[1]): v for k, v in tensors.items()},
+                 f"reference-code checkpoint {path}")
     if not options["noisy_gating"]:
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".noise_weight")}
     if options["activation"] == "rational":
@@ -215,10 +238,16 @@ def import_reference_checkpoint(base_model_or_dims: Any, checkpoint_dir: str | P
     paths = [checkpoint_dir / MODULES_FILE, checkpoint_dir / GATINGS_FILE]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise ImportError_(f"{checkpoint_dir} is not a reference-code checkpoint: {missing} missing "
+        raise AdapterImportError(f"{checkpoint_dir} is not a reference-code checkpoint: {missing} missing "
                            f"(expected {MODULES_FILE} and {GATINGS_FILE})")
     modules, gatings = (load_pickled_modules(p) for p in paths)
     pairs = _lora_pairs(modules, base, alpha, paths[0])
+    named = {}
+    for (l, m), pair in pairs.items():
+        i = NUM_EXPERTS * l + EXPERTS.index(m)
+        named[f"[{i}].module_a.weight (layer {l} {m})"] = pair.a
+        named[f"[{i}].module_b.weight (layer {l} {m})"] = pair.b
+    check_finite(named, f"reference-code checkpoint {paths[0]}")
     gates = _module_list(gatings, base["num_layers"], "LoRAGateWithPooling", paths[1], "one gate per layer")
     options, router_tensors = _router(gates, base["hidden_size"], paths[1])
     rank, lora_alpha, folded, tensors = pack_lora(pairs, base["num_layers"], module_dims(base))
@@ -232,6 +261,6 @@ def import_reference_checkpoint(base_model_or_dims: Any, checkpoint_dir: str | P
                               activation_position="pre_pool", gate_mode="renormalized", lb_loss="cv2",
                               notes=notes, **options)
     except ConfigError as exc:  # e.g. a top_k outside 1..7: say which checkpoint it came from
-        raise ImportError_(f"{checkpoint_dir}: {exc}") from None
+        raise AdapterImportError(f"{checkpoint_dir}: {exc}") from None
     tensors.update(router_tensors)
     return ImportedAdapter(config, base, tensors)

@@ -131,7 +131,7 @@ def _convert(obj: Any, functions: dict[int, str], where: str) -> Any:
 
 def load_pickled_modules(path: str | Path) -> PickledModule:
     """Read a torch.save'd module tree safely. UnsafeCheckpointError if it refers to any
-    global outside the allowlist (nothing is executed), ImportError_-family errors for files
+    global outside the allowlist (nothing is executed), AdapterImportError-family errors for files
     that are not torch.save zip checkpoints."""
     path = Path(path)
     if not zipfile.is_zipfile(path):

@@ -1,4 +1,4 @@
-"""MiloraConfig: every option of the method, typed and validated (docs/MILORA.md).
+"""MiloraConfig: every option of the method, typed and validated (docs/method.md).
 
 Free of torch: the exporter's manifest and the runtime read the same JSON form.
 """
@@ -11,7 +11,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from milora.contract import ADAPTER_FORMAT_VERSION, EXPERTS
+from milora.format.contract import ADAPTER_FORMAT_VERSION, EXPERTS
 from milora.errors import ConfigError
 
 POOLERS = ("attention", "last", "mean", "max")
@@ -20,6 +20,9 @@ ACTIVATION_POSITIONS = ("post_pool", "pre_pool")
 GATE_MODES = ("paper", "renormalized")
 LB_LOSSES = ("switch", "cv2", "none")
 RATIONAL_INITS = ("gelu", "relu")
+# Every key of the JSON form (adapter format v1); a reader refuses any other.
+JSON_KEYS = ("format_version", "rank", "alpha", "top_k", "experts", "routed", "pooler", "activation",
+             "activation_position", "gate_mode", "lb_loss", "lb_coef", "noisy_gating", "dropout", "notes", "base")
 
 
 def _is_int(value: Any) -> bool:
@@ -38,7 +41,7 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class MiloraConfig:
-    """Options of one MiLoRA adapter. Defaults are the project defaults of docs/MILORA.md.
+    """Options of one MiLoRA adapter. Defaults are the project defaults of docs/method.md.
 
     rank, alpha: LoRA rank r and alpha; each update is scaled by alpha / r.
     top_k: experts (of the target modules) switched on per layer, 1..len(target_modules).
@@ -46,7 +49,7 @@ class MiloraConfig:
     routed: False for a tenant with no router (an imported plain LoRA adapter): its gates are
         fixed at 1.0 on every target module in every layer.
     pooler, activation, rational_degrees, rational_init, activation_position, gate_mode:
-        the router (docs/MILORA.md, "Forward pass").
+        the router (docs/method.md, "The router").
     lb_loss, lb_coef: load-balancing loss (switch | cv2 | none) and its coefficient.
     noisy_gating: add softplus(h W_noise)-scaled Gaussian noise to router logits in training.
     dropout: dropout on the LoRA input in training.
@@ -76,8 +79,8 @@ class MiloraConfig:
         n = len(self.target_modules)
         if not _is_int(self.top_k) or not 1 <= self.top_k <= n:
             raise ConfigError(
-                f"top_k={self.top_k!r} is out of range; expected an integer in 1..{n} "
-                f"(the number of target modules)"
+                f"top_k={self.top_k!r} is out of range; expected an integer in 1..{n} (the number of target "
+                f"modules, {', '.join(self.target_modules)}). Fix: set top_k between 1 and {n}"
             )
         for name in ("routed", "noisy_gating"):
             if not isinstance(getattr(self, name), bool):
@@ -94,7 +97,8 @@ class MiloraConfig:
 
     def _check_numbers(self) -> None:
         if not _is_int(self.rank) or self.rank < 1:
-            raise ConfigError(f"rank={self.rank!r}; expected a positive integer (the LoRA rank r)")
+            raise ConfigError(f"rank={self.rank!r}; expected a positive integer (the LoRA rank r). Fix: set rank >= 1, "
+                              "e.g. 8")
         if not _is_number(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"alpha={self.alpha!r}; expected a positive finite number (scale = alpha / rank)")
         self.alpha = float(self.alpha)
@@ -135,7 +139,7 @@ class MiloraConfig:
             )
         self.rational_degrees = (int(degrees[0]), int(degrees[1]))
         if self.rational_degrees not in ((5, 4), (6, 5)) and self.activation == "rational":
-            # Only these two have published initialisations (docs/MILORA.md).
+            # Only these two have published initialisations (docs/method.md).
             raise ConfigError(
                 f"rational_degrees={self.rational_degrees} has no known initialisation; "
                 "expected (5, 4) (reference code) or (6, 5) (paper)"
@@ -178,24 +182,43 @@ class MiloraConfig:
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> "MiloraConfig":
-        """Inverse of to_json_dict (the 'base' entry is returned separately by the loader)."""
+        """Inverse of to_json_dict (the 'base' entry is returned separately by the loader).
+        Keys this version does not read are refused by name, never silently ignored."""
         version = data.get("format_version")
         if version != ADAPTER_FORMAT_VERSION:
             raise ConfigError(
                 f"adapter format_version={version!r} is not supported; this milora reads version "
                 f"{ADAPTER_FORMAT_VERSION}. Re-save the adapter with a matching milora."
             )
+        unknown = sorted(set(data) - set(JSON_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"adapter config has keys this milora does not read: {unknown}; expected only {list(JSON_KEYS)}. "
+                "Fix: remove them (free-form provenance belongs in 'notes')"
+            )
         missing = [k for k in ("rank", "alpha", "top_k", "experts", "pooler", "activation") if k not in data]
         if missing:
-            raise ConfigError(f"adapter config lacks required keys {missing}")
+            raise ConfigError(f"adapter config lacks required keys {missing}. Fix: re-save the adapter with milora")
         act = data["activation"]
         if not isinstance(act, dict) or "type" not in act:
-            raise ConfigError(f"'activation' must be an object with a 'type', got {act!r}")
+            raise ConfigError(f"'activation' must be an object with a 'type', got {act!r}; expected e.g. "
+                              '{"type": "rational", "degrees": [5, 4], "init": "gelu"} or {"type": "gelu"}')
+        read = ("type", "degrees", "init") if act["type"] == "rational" else ("type",)
+        ignored = sorted(set(act) - set(read))
+        if ignored:
+            raise ConfigError(
+                f"'activation' has keys {ignored} that are not read for type {act['type']!r} (degrees and init "
+                f"belong to the rational activation only); expected only {list(read)}. Fix: remove them, or set "
+                "type 'rational' if the adapter was trained with one"
+            )
+        experts = data["experts"]
+        if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
+            raise ConfigError(f"'experts' is {experts!r}; expected a list of module names from {', '.join(EXPERTS)}")
         kwargs: dict[str, Any] = dict(
             rank=data["rank"],
             alpha=data["alpha"],
             top_k=data["top_k"],
-            target_modules=tuple(data["experts"]),
+            target_modules=tuple(experts),
             routed=data.get("routed", True),
             pooler=data["pooler"],
             activation=act["type"],
@@ -208,7 +231,7 @@ class MiloraConfig:
             notes=data.get("notes", {}),
         )
         if act["type"] == "rational":
-            kwargs["rational_degrees"] = tuple(act.get("degrees", (5, 4)))
+            kwargs["rational_degrees"] = act.get("degrees", (5, 4))
             kwargs["rational_init"] = act.get("init", "gelu")
         return cls(**kwargs)
 

@@ -14,20 +14,27 @@ A directory with
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from milora.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name, router_tensor_name
+from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name, router_tensor_name
 from milora.errors import AdapterFormatError, BaseMismatchError, ConfigError
-from milora.model.config import MiloraConfig
+from milora.format.finite import check_finite
+from milora.format.config import MiloraConfig
 
 BASE_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
              "intermediate_size", "vocab_size")
 # Keys whose values must agree between an adapter and the base it is loaded onto.
 BASE_DIM_KEYS = BASE_KEYS[1:]
+# Hugging Face config names accepted in an adapter's "base" entry, and the key they mean.
+HF_BASE_KEYS = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                "num_key_value_heads": "num_kv_heads", "architectures": "architecture"}
 
 
 def module_dims(base: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -90,6 +97,41 @@ def check_base(adapter_base: dict[str, Any], model_base: dict[str, Any], where: 
         )
 
 
+def normalize_base(base: Any, where: str) -> dict[str, Any]:
+    """An adapter's "base" entry with Hugging Face key names (num_hidden_layers, ...) mapped to
+    ours (HF_BASE_KEYS); head_dim defaults to hidden_size // num_heads as in Hugging Face.
+    Refuses a missing key, or an HF name and ours that disagree, naming the key to use."""
+    if not isinstance(base, dict):
+        raise AdapterFormatError(f"{where}: 'base' is {type(base).__name__}, expected an object with "
+                                 f"{list(BASE_KEYS)}. Fix: re-save the adapter with milora")
+    out = dict(base)
+    for hf, ours in HF_BASE_KEYS.items():
+        if hf not in base:
+            continue
+        value = base[hf]
+        if hf == "architectures":
+            value = value[0] if isinstance(value, list) and value else value
+        if ours in base and base[ours] != value:
+            raise AdapterFormatError(
+                f"{where}: 'base' holds both {hf}={base[hf]!r} (the Hugging Face name) and {ours}={base[ours]!r}, "
+                f"which disagree; expected one value. Fix: keep only {ours!r} with the base model's value")
+        out[ours] = value
+    if "head_dim" not in out and isinstance(out.get("hidden_size"), int) and isinstance(out.get("num_heads"), int) \
+            and out["num_heads"] > 0:
+        out["head_dim"] = out["hidden_size"] // out["num_heads"]
+    missing = [k for k in BASE_KEYS if k not in out]
+    if missing:
+        raise AdapterFormatError(f"{where}: 'base' lacks {missing}; expected {list(BASE_KEYS)} (the base model's "
+                                 "dimensions). Fix: re-save the adapter with milora, or add the keys")
+    bad = [f"{k}={out[k]!r}" for k in BASE_DIM_KEYS
+           if not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < 1]
+    if bad or not isinstance(out["architecture"], str):
+        bad += [] if isinstance(out["architecture"], str) else [f"architecture={out['architecture']!r}"]
+        raise AdapterFormatError(f"{where}: 'base' has invalid values {bad}; expected positive integers (and an "
+                                 "architecture name). Fix: re-save the adapter with milora")
+    return out
+
+
 def read_config(adapter_dir: str | Path) -> tuple[MiloraConfig, dict[str, Any]]:
     path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
     if not path.is_file():
@@ -98,34 +140,48 @@ def read_config(adapter_dir: str | Path) -> tuple[MiloraConfig, dict[str, Any]]:
             f"(expected {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE})"
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{path} is not valid JSON ({exc}); the file is corrupt") from None
+        raise AdapterFormatError(f"{path} is not valid JSON ({exc}); the file is corrupt. Fix: re-save the "
+                                 "adapter") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path} is nested too deeply to be an adapter config; the file is corrupt. "
+                                 "Fix: re-save the adapter") from None
     if not isinstance(data, dict):
-        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(data).__name__}. Fix: re-save the "
+                                 "adapter")
     try:
         config = MiloraConfig.from_json_dict(data)
     except ConfigError as exc:
         raise AdapterFormatError(f"{path}: {exc}") from None
-    base = data.get("base")
-    missing = [k for k in BASE_KEYS if not isinstance(base, dict) or k not in base]
-    if missing:
-        raise AdapterFormatError(f"{path}: 'base' lacks {missing}")
-    return config, base
+    return config, normalize_base(data.get("base"), str(path))
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[MiloraConfig, dict[str, Any], dict[str, np.ndarray]]:
-    """Read and validate an adapter directory: (config, base dims, tensors as numpy)."""
+    """Read and validate an adapter directory: (config, base dims, tensors as numpy). Every
+    tensor must be present with its shape, and finite (NonFiniteError otherwise)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     config, base = read_config(adapter_dir)
     path = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
-        raise AdapterFormatError(f"{adapter_dir}: {ADAPTER_WEIGHTS_FILE} is missing")
+        raise AdapterFormatError(f"{adapter_dir}: {ADAPTER_WEIGHTS_FILE} is missing; expected it next to "
+                                 f"{ADAPTER_CONFIG_FILE}. Fix: copy the whole adapter directory")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise AdapterFormatError(f"{path} cannot be read as safetensors ({exc}); the file is corrupt") from None
+        raise AdapterFormatError(f"{path} cannot be read as safetensors ({exc}); the file is corrupt. Fix: copy "
+                                 "or re-save the adapter") from None
     check_tensors({k: v.shape for k, v in tensors.items()}, expected_shapes(config, base), str(path))
+    check_finite(tensors, f"adapter {adapter_dir}")
     return config, base, tensors
+
+
+def as_os_error(exc: Exception, path: str | Path) -> OSError:
+    """The OSError behind a safetensors write failure (safetensors raises SafetensorError with
+    "os error N" in its text for a full disk or a read-only location), so writers report it
+    like any other failed write."""
+    found = re.search(r"os error (\d+)", str(exc))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from milora.contract import EXPERT_INDEX, lora_a_name, lora_b_name, router_tensor_name
+from milora.format.contract import EXPERT_INDEX, lora_a_name, lora_b_name, router_tensor_name
 from milora.errors import ExportError, ManifestError
-from milora.export import manifest as mf
-from milora.model.config import MiloraConfig
+from milora.format import manifest as mf
+from milora.format.finite import check_finite
+from milora.format.config import MiloraConfig
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+from milora.format.manifest import NP_DTYPES
 
 
 def tenant_options(config: MiloraConfig) -> dict[str, int]:
@@ -38,10 +39,22 @@ def empty_pack(base: dict[str, Any], max_rank: int, dtype: str) -> dict[str, np.
 
 
 def build_pack(config: MiloraConfig, tensors: dict[str, np.ndarray], base: dict[str, Any], max_rank: int,
-               dtype: str) -> dict[str, np.ndarray]:
-    """One tenant's slot pack from its format-v1 tensors (see the module docstring)."""
+               dtype: str, where: str = "adapter") -> dict[str, np.ndarray]:
+    """One tenant's slot pack from its format-v1 tensors (see the module docstring).
+    NonFiniteError if a value overflows on the way (`where` names the tenant)."""
     if config.rank > max_rank:
         raise ExportError(f"tenant rank {config.rank} exceeds the export's max rank {max_rank}")
+    pack = _fill_pack(config, tensors, base, max_rank, dtype)
+    # Finite inputs can still overflow here: B scaled by alpha / r, or cast to float16 (|x| > 65504).
+    check_finite(pack, f"{where} (as a {dtype} slot pack: LoRA B scaled by alpha/r={config.scale:g})",
+                 fix="rescale the adapter's weights into range or export with --dtype fp32" if dtype == "float16"
+                 else None)
+    return pack
+
+
+@np.errstate(over="ignore")  # an overflow is reported by build_pack's check, with the tensor named
+def _fill_pack(config: MiloraConfig, tensors: dict[str, np.ndarray], base: dict[str, Any], max_rank: int,
+               dtype: str) -> dict[str, np.ndarray]:
     pack = empty_pack(base, max_rank, dtype)
     r, experts = config.rank, [EXPERT_INDEX[m] for m in config.target_modules]
     for l in range(base["num_layers"]):
@@ -69,26 +82,38 @@ def build_pack(config: MiloraConfig, tensors: dict[str, np.ndarray], base: dict[
 
 
 def save_pack(path: Path, pack: dict[str, np.ndarray]) -> None:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in pack.items()}, str(path), metadata={"format": "milora-pack"})
+    from milora.format.adapter import as_os_error
+
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in pack.items()}, str(path),
+                  metadata={"format": "milora-pack"})
+    except SafetensorError as exc:  # a full disk or a read-only location
+        raise as_os_error(exc, path) from None
 
 
-def load_pack(path: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Read a slot pack and check every tensor against the manifest's bank table."""
+def load_pack(path: Path, manifest: dict[str, Any], where: str | None = None) -> dict[str, np.ndarray]:
+    """Read a slot pack and check every tensor against the manifest's bank table, and that
+    every value is finite (NonFiniteError). `where` names the tenant in messages."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    what = f"{where} (slot pack {path})" if where else f"slot pack {path}"
     try:
         pack = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ManifestError(f"slot pack {path} cannot be read ({exc}); export again") from None
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ManifestError(f"{what} cannot be read ({exc}); the file is missing or corrupt. Fix: export "
+                            "again") from None
     for name, spec in manifest["banks"].items():
         got = pack.get(name)
         if got is None or list(got.shape) != spec["shape"] or got.dtype != NP_DTYPES[spec["dtype"]]:
             seen = None if got is None else (list(got.shape), str(got.dtype))
-            raise ManifestError(f"slot pack {path}: tensor {name} is {seen}, expected "
-                                f"({spec['shape']}, {spec['dtype']}); export again")
+            raise ManifestError(f"{what}: tensor {name} is {seen}, expected "
+                                f"({spec['shape']}, {spec['dtype']}). Fix: export again")
+    check_finite(pack, what, fix="export again from a finite adapter (milora-export refuses non-finite ones); "
+                                 "do not serve this pack")
     return pack
 
 

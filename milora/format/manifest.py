@@ -24,12 +24,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from milora.adapter_format import module_dims
-from milora.contract import EXPERTS, NUM_EXPERTS
+import numpy as np
+
+from milora.format.adapter import module_dims
+from milora.format.contract import EXPERTS, NUM_EXPERTS
 from milora.errors import ManifestError
 
 MANIFEST_FORMAT = "milora-export"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: graph flavours (portable, fused)
 MANIFEST_FILE = "manifest.json"
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
@@ -42,12 +44,51 @@ PACK_DIR = "adapters"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
+# Dtype names used in manifest.json (banks, graph IO) and their numpy types.
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
 # ---- graph IO names ----
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 TENANT_SLOTS = "tenant_slots"
 GATES = "gates"
 LOGITS = "logits"
+# Fused flavour (KV written in place per row): seqlens_k[b] = row b's tokens after the call - 1,
+# total_sequence_length = the longest row's tokens after the call.
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+
+# Graph flavours. portable: standard ONNX ops, concat KV, left padding (any runtime, the
+# TensorRT target). fused: onnxruntime's fused operators (GroupQueryAttention with rotary
+# inside and KV updated in place, SkipSimplifiedLayerNormalization, packed QKV and gate/up
+# projections), right padding, and a decode graph fed per-batch LoRA inputs (lora_batch.py).
+FLAVOUR_PORTABLE, FLAVOUR_FUSED = "portable", "fused"
+FLAVOURS = (FLAVOUR_PORTABLE, FLAVOUR_FUSED)
+# onnxruntime's GroupQueryAttention needs a head dim that is a multiple of this.
+FUSED_HEAD_DIM_MULTIPLE = 16
+
+# LoRA groups of the fused graphs: where an update is added to a (packed) projection.
+LORA_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)), ("gate_up", ("gate_proj", "up_proj")),
+    ("down", ("down_proj",)))
+
+
+def lora_group_layout(base: dict[str, Any]) -> dict[str, tuple[int, int, dict[str, tuple[int, int]]]]:
+    """group -> (d_in, d_out, {module: (first output column, width)}) of the packed projection."""
+    dims = module_dims(base)
+    out = {}
+    for g, modules in LORA_GROUPS:
+        cols, at = {}, 0
+        for m in modules:
+            cols[m] = (at, dims[m][1])
+            at += dims[m][1]
+        out[g] = (dims[modules[0]][0], at, cols)
+    return out
+
+
+def lora_inputs(layer: int, group: str) -> tuple[str, str, str]:
+    """(rows, A, B): the fused decode graph's per-batch LoRA inputs of one layer and group."""
+    return tuple(f"lora.{layer}.{group}.{part}" for part in ("rows", "A", "B"))  # type: ignore[return-value]
 
 # Which positions a graph's logits cover, recorded per graph as "logits_positions". Prefill
 # emits the last position by default: serving samples from it alone, and the LM head over
@@ -129,14 +170,20 @@ def bank_names(graph: str) -> list[str]:
 
 # Dynamic axis names, shared by both graphs and the manifest.
 AXIS_BATCH, AXIS_SEQ, AXIS_PAST, AXIS_TOTAL, AXIS_SLOTS = "batch", "sequence", "past_sequence", "total_sequence", "slots"
+AXIS_CAPACITY = "kv_capacity"  # fused flavour: the KV buffer's length
 
 
 def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str,
-             prefill_logits: str = LOGITS_LAST) -> dict[str, Any]:
+             prefill_logits: str = LOGITS_LAST, flavour: str = FLAVOUR_PORTABLE, lora: bool = True) -> dict[str, Any]:
     """{'inputs': [...], 'outputs': [...], 'logits_positions': 'last' | 'all'}; inputs and
-    outputs each {name, shape (ints or axis names), dtype}. prefill_logits applies to prefill."""
+    outputs each {name, shape (ints or axis names), dtype}. prefill_logits applies to prefill.
+    lora False (an export without tenants): the fused decode graph has no LoRA inputs."""
     if prefill_logits not in LOGITS_POSITIONS:
         raise ValueError(f"prefill_logits={prefill_logits!r}; expected one of {LOGITS_POSITIONS}")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour={flavour!r}; expected one of {FLAVOURS}")
+    if flavour == FLAVOUR_FUSED and graph == "decode":
+        return _fused_decode_io(base, dtype, lora)
     nl, hkv, hd, v = base["num_layers"], base["num_kv_heads"], base["head_dim"], base["vocab_size"]
     b, t = AXIS_BATCH, AXIS_SEQ
     kv_len = t if graph == "prefill" else AXIS_TOTAL
@@ -162,10 +209,38 @@ def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str,
     return {"inputs": inputs, "outputs": outputs, "logits_positions": positions}
 
 
+def _fused_decode_io(base: dict[str, Any], dtype: str, lora: bool) -> dict[str, Any]:
+    """The fused decode graph: KV buffers [B, Hkv, capacity, D] updated in place (present is
+    the past buffer), per-row lengths, per-batch LoRA inputs (lora_batch.py); no banks, no
+    gates, no mask: routing and tenants are already in the LoRA inputs."""
+    nl, hkv, hd, v = base["num_layers"], base["num_kv_heads"], base["head_dim"], base["vocab_size"]
+    b, t = AXIS_BATCH, AXIS_SEQ
+    inputs = [{"name": INPUT_IDS, "shape": [b, t], "dtype": "int64"},
+              {"name": SEQLENS_K, "shape": [b], "dtype": "int32"},
+              {"name": TOTAL_SEQUENCE_LENGTH, "shape": [], "dtype": "int32"}]
+    for i in range(nl):
+        for name in (past_key(i), past_value(i)):
+            inputs.append({"name": name, "shape": [b, hkv, AXIS_CAPACITY, hd], "dtype": dtype})
+    layout = lora_group_layout(base)
+    for l in range(nl if lora else 0):
+        for g, _ in LORA_GROUPS:
+            d_in, d_out, _ = layout[g]
+            rows, a, bb = lora_inputs(l, g)
+            n, r = f"lora_{l}_{g}_rows", f"lora_{l}_{g}_rank"
+            inputs += [{"name": rows, "shape": [n, 1], "dtype": "int64"},
+                       {"name": a, "shape": [n, d_in, r], "dtype": dtype},
+                       {"name": bb, "shape": [n, r, d_out], "dtype": dtype}]
+    outputs = [{"name": LOGITS, "shape": [b, t, v], "dtype": dtype}]
+    for i in range(nl):
+        for name in (present_key(i), present_value(i)):
+            outputs.append({"name": name, "shape": [b, hkv, AXIS_CAPACITY, hd], "dtype": dtype})
+    return {"inputs": inputs, "outputs": outputs, "logits_positions": LOGITS_ALL}
+
+
 # ---- manifest.json ----
 # Top-level keys, in the order they are written. A runtime reads these and nothing else.
 MANIFEST_KEYS = ("format", "format_version", "tool_versions", "base", "experts", "dtype", "opset", "target",
-                 "lora_lowering", "max_rank", "max_top_k", "slots", "option_columns", "option_codes",
+                 "flavour", "lora_lowering", "max_rank", "max_top_k", "slots", "option_columns", "option_codes",
                  "graphs", "banks", "tenants", "source", "validation", "export_seconds", "files")
 
 
@@ -190,23 +265,106 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
+    """manifest.json of an exported directory, checked against the schema below (types, ranges,
+    relative paths inside root): ManifestError naming the first problem, never another error."""
     path = Path(root) / MANIFEST_FILE
     if not path.is_file():
         raise ManifestError(f"{root} holds no {MANIFEST_FILE}; expected a directory written by milora-export")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); the file is corrupt: export again") from None
+    except RecursionError:
+        raise ManifestError(f"{path} is nested too deeply to be a manifest; the file is corrupt: export again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{path} is not a milora-export manifest (format={manifest.get('format')!r} "
-                            f"if a dict), expected format {MANIFEST_FORMAT!r}")
+        seen = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        raise ManifestError(f"{path} is not a milora-export manifest (format={seen!r}), expected format "
+                            f"{MANIFEST_FORMAT!r}: export again")
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise ManifestError(f"{path}: format_version={manifest.get('format_version')!r}, this milora reads "
                             f"{MANIFEST_VERSION}; export again with this version")
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise ManifestError(f"{path} lacks keys {missing}; the file is corrupt: export again")
+    problem = _schema_problem(manifest)
+    if problem:
+        raise ManifestError(f"{path}: {problem}; the file is corrupt or was edited: export again")
     return manifest
+
+
+_DTYPES = tuple(NP_DTYPES)
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_relative(v: Any) -> bool:
+    """A relative POSIX path that stays inside the export directory."""
+    return isinstance(v, str) and bool(v) and not v.startswith(("/", "\\")) and ":" not in v \
+        and ".." not in v.replace("\\", "/").split("/")
+
+
+def _schema_problem(m: dict[str, Any]) -> str | None:
+    """The first way m departs from what milora-export writes (and the runtime reads), or None."""
+    base = m["base"]
+    if not isinstance(base, dict) or any(not _is_int(base.get(k), 1) for k in
+                                         ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                          "intermediate_size", "vocab_size")):
+        return f"'base' must map the base model's dimensions to positive integers, got {str(base)[:200]}"
+    if base.get("max_position_embeddings") is not None and not _is_int(base["max_position_embeddings"], 1):
+        return f"base.max_position_embeddings={base['max_position_embeddings']!r}; expected a positive integer"
+    if m["dtype"] not in ("float32", "float16"):
+        return f"dtype={m['dtype']!r}; expected float32 or float16"
+    if m["flavour"] not in FLAVOURS:
+        return f"flavour={m['flavour']!r}; expected one of {', '.join(FLAVOURS)}"
+    if not _is_int(m["slots"], 1) or not _is_int(m["max_rank"], 1):
+        return f"slots={m['slots']!r}, max_rank={m['max_rank']!r}; expected positive integers"
+    if not isinstance(m["experts"], list) or not all(isinstance(e, str) for e in m["experts"]):
+        return f"experts={m['experts']!r}; expected a list of module names"
+    graphs = m["graphs"]
+    if not isinstance(graphs, dict) or not all(isinstance(graphs.get(g), dict) for g in ("prefill", "decode")):
+        return "'graphs' must hold 'prefill' and 'decode' objects"
+    for g in ("prefill", "decode"):
+        spec = graphs[g]
+        if not _is_relative(spec.get("file")) or not _is_relative(spec.get("data_file")):
+            return f"graphs.{g}: file / data_file must be relative paths inside the directory"
+        for side in ("inputs", "outputs"):
+            io = spec.get(side)
+            if not isinstance(io, list) or not all(
+                    isinstance(x, dict) and isinstance(x.get("name"), str) and x.get("dtype") in _DTYPES
+                    and isinstance(x.get("shape"), list)
+                    and all(_is_int(d) or isinstance(d, str) for d in x["shape"]) for x in io):
+                return f"graphs.{g}.{side} must be a list of {{name, shape, dtype}} objects"
+        table = spec.get("external_initializers")
+        if table is not None and (not isinstance(table, dict) or not all(
+                isinstance(t, dict) and _is_int(t.get("offset")) and _is_int(t.get("length"))
+                and t.get("dtype") in _DTYPES and isinstance(t.get("shape"), list)
+                and all(_is_int(d) for d in t["shape"]) for t in table.values())):
+            return f"graphs.{g}.external_initializers must map names to {{offset, length, dtype, shape}}"
+    banks = m["banks"]
+    if not isinstance(banks, dict) or not all(
+            isinstance(b, dict) and b.get("dtype") in _DTYPES and isinstance(b.get("shape"), list)
+            and all(_is_int(d, 1) for d in b["shape"]) for b in banks.values()):
+        return "'banks' must map bank names to {shape: [positive ints], dtype}"
+    tenants = m["tenants"]
+    if not isinstance(tenants, dict):
+        return "'tenants' must be an object"
+    for name, info in tenants.items():
+        if not isinstance(info, dict) or not _is_int(info.get("slot"), 1) or info["slot"] >= m["slots"]:
+            return (f"tenant {name!r}: slot {info.get('slot') if isinstance(info, dict) else None!r} is not one of "
+                    f"the adapter slots 1..{m['slots'] - 1}")
+        if not _is_relative(info.get("pack")):
+            return f"tenant {name!r}: pack {info.get('pack')!r} must be a relative path inside the directory"
+    files = m["files"]
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return "'files' must map relative paths to sha256 strings"
+    source = m["source"]
+    if not isinstance(source, dict) or not isinstance(source.get("model_dir"), str) \
+            or not isinstance(source.get("adapters"), dict) \
+            or not all(isinstance(v, str) for v in source["adapters"].values()):
+        return "'source' must hold model_dir and adapters (paths)"
+    return None
 
 
 def verify_files(root: str | Path, manifest: dict[str, Any]) -> None:
