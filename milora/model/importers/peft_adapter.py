@@ -13,7 +13,6 @@ PEFT does not read this package; only its file format is.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from milora.format.adapter import module_dims
 from milora.format.contract import EXPERT_PARENT, EXPERTS
+from milora.format.jsonfile import read_json
 from milora.errors import BaseMismatchError, AdapterImportError
 from milora.format.finite import check_finite
 from milora.format.config import MiloraConfig
@@ -67,13 +67,8 @@ def read_peft_config(peft_dir: str | Path) -> dict[str, Any]:
     path = Path(peft_dir) / PEFT_CONFIG_FILE
     if not path.is_file():
         raise AdapterImportError(f"{peft_dir} is not a PEFT adapter: {PEFT_CONFIG_FILE} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterImportError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise AdapterImportError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(path, AdapterImportError, "save the adapter again with PEFT's save_pretrained",
+                     "a PEFT adapter config")
 
 
 def check_peft_config(cfg: dict[str, Any], path: Path) -> None:
