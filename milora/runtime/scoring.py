@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from milora.errors import TenantError
+from milora.format.padding import right_pad
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -36,10 +37,7 @@ def score_options(engine, tenant: str | None, prompt_ids: Sequence[int], options
         c, longest = len(options), max(len(o) for o in options)
         if longest == 1:  # one-token options (BoolQ's no / yes): the prompt's logits are all it takes
             return [float(first[o[0]]) for o in options]
-        ids = np.full((c, longest), engine.bundle.pad_token_id, dtype=np.int64)
-        mask = np.zeros((c, longest), dtype=np.int64)
-        for i, o in enumerate(options):
-            ids[i, : len(o)], mask[i, : len(o)] = o, 1
+        ids, mask = right_pad(options, engine.bundle.pad_token_id)  # options continue the prompt
         kv = backend.repeat_rows(kv, c)
         rows = backend.bind_rows(np.full(c, slot, dtype=np.int64), np.repeat(gates, c, axis=0))
         logits = backend.extend(ids, mask, kv, rows)

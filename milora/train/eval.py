@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from milora.format.padding import left_pad
 from milora.errors import DataError
 # One definition of "the final number of a math answer", shared with the runtime's scorer.
 from milora.runtime.scoring import extract_number, same_number  # noqa: F401 (re-exported)
@@ -141,12 +142,8 @@ def evaluate_math(model, tokenizer, examples: list[Example], chat: bool = True, 
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         prompts = [prompt_ids(tokenizer, e.prompt, chat) for e in chunk]
-        t = max(len(p) for p in prompts)
-        ids = torch.full((len(chunk), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), t), dtype=torch.long)
-        for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[r, t - len(p):] = torch.tensor(p)
-            mask[r, t - len(p):] = 1
+        ids, mask = (torch.from_numpy(a) for a in left_pad(prompts, pad))  # prompts end where generation starts
+        t = ids.shape[1]
         out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for r, e in enumerate(chunk):
