@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from milora.errors import TenantError
+from milora.errors import RequestError, TenantError
 from milora.format.padding import right_pad
 
 
@@ -55,11 +55,24 @@ class MCResult:
     predictions: list[int] = field(default_factory=list)
 
 
+# How an option's summed log-likelihood is normalised before the options are compared (the
+# same rule for the PyTorch evaluation, milora.train.eval, and for the runtime's scoring):
+# by its characters (as lm-eval-harness's acc_norm), its tokens, or not at all.
+NORMS = ("char", "token", "none")
+
+
+def option_norm(choice: str, option_ids, norm: str) -> int:
+    """The divisor of an option's log-likelihood under `norm` (one of NORMS)."""
+    return {"char": max(1, len(choice)), "token": max(1, len(option_ids)), "none": 1}[norm]
+
+
 def evaluate_mc(engine, tenant: str | None, items, chat: bool = True, norm: str = "char") -> MCResult:
     """Accuracy on multiple-choice items (objects with .prompt, .choices, .answer_index), options
     normalised as milora.train.eval does: by characters ('char'), tokens ('token') or not ('none')."""
     if tenant is not None and tenant not in engine.tenants:
         raise TenantError(f"unknown tenant {tenant!r}")
+    if norm not in NORMS:
+        raise RequestError(f"norm={norm!r}; expected one of {', '.join(NORMS)}")
     bundle = engine.bundle
     correct, preds = [], []
     for ex in items:
@@ -67,8 +80,7 @@ def evaluate_mc(engine, tenant: str | None, items, chat: bool = True, norm: str 
             else ex.prompt + "\n"
         options = [bundle.encode(o) or [bundle.pad_token_id] for o in ex.choices]
         scores = score_options(engine, tenant, bundle.encode(text), options)
-        denom = [{"char": max(1, len(ch)), "token": len(o), "none": 1}[norm] for ch, o in zip(ex.choices, options)]
-        scores = [s / d for s, d in zip(scores, denom)]
+        scores = [s / option_norm(ch, o, norm) for s, ch, o in zip(scores, ex.choices, options)]
         best = int(np.argmax(scores))
         preds.append(best)
         correct.append(best == ex.answer_index)

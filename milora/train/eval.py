@@ -17,11 +17,10 @@ import torch
 from milora.format.padding import left_pad
 from milora.errors import DataError
 # One definition of "the final number of a math answer", shared with the runtime's scorer.
+from milora.runtime.scoring import NORMS, option_norm
 from milora.runtime.scoring import extract_number, same_number  # noqa: F401 (re-exported)
 from milora.train.data import Example
 from milora.train.encode import pad_id_of, prompt_ids
-
-NORMS = ("char", "token", "none")
 
 
 @dataclass
@@ -108,8 +107,7 @@ def option_scores(model, tokenizer, ex: Example, chat: bool = True, max_length: 
     scores = []
     for i, o in enumerate(options):
         lp = first[o[0]] + sum(logp[i, j - 1, o[j]] for j in range(1, len(o)))
-        denom = {"char": max(1, len(ex.choices[i])), "token": len(o), "none": 1}[norm]
-        scores.append(float(lp) / denom)
+        scores.append(float(lp) / option_norm(ex.choices[i], o, norm))
     return scores
 
 

@@ -26,7 +26,7 @@ from milora.format.jsonfile import read_json
 from milora.errors import BaseMismatchError, AdapterImportError
 from milora.format.finite import check_finite
 from milora.format.config import MiloraConfig
-from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
+from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, base_dims
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -182,7 +182,7 @@ def import_peft_adapter(base_model_or_dims: Any, peft_dir: str | Path) -> Import
     the result also carries `.base`. Raises AdapterImportError for adapters whose maths differs
     from plain LoRA and BaseMismatchError for adapters made for another base."""
     peft_dir = Path(peft_dir)
-    base = resolve_base(base_model_or_dims)
+    base = base_dims(base_model_or_dims)
     cfg = read_peft_config(peft_dir)
     check_peft_config(cfg, peft_dir / PEFT_CONFIG_FILE)
     raw = _read_tensors(peft_dir)
