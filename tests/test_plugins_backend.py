@@ -99,11 +99,6 @@ def test_bank_layout_puts_each_slot_contiguously(manifest):
     assert per_slot * manifest["slots"] == spec.nbytes
 
 
-def test_left_padding_as_the_onnxruntime_backend():
-    ids, mask = bd.left_pad([[5, 6, 7], [9]], pad_id=2)
-    assert ids.tolist() == [[5, 6, 7], [2, 2, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
 def test_the_backend_implements_the_interface(export):
     trt_engine, _, backends = engine_pair(export)
     assert isinstance(backends[0], Backend)

@@ -91,42 +91,10 @@ class ExportOptions:
 
 
 def load_base(model_dir: Path, dtype: str):
-    """The HF causal LM in model_dir, as torch dtype; clear errors for missing/corrupt files."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The HF causal LM in MODEL_DIR (milora.model.load.load_base_model, ExportErrors)."""
+    from milora.model.load import load_base_model
 
-    if not model_dir.is_dir():
-        raise ExportError(f"MODEL_DIR {model_dir} does not exist; expected a Hugging Face model directory "
-                          "(config.json + weights). Fix: check the path, or save the model with save_pretrained")
-    if not (model_dir / "config.json").is_file():
-        raise ExportError(f"{model_dir} has no config.json; expected a Hugging Face model directory "
-                          "(config.json + weights). Fix: save the model there with save_pretrained")
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, OSError, KeyError) as exc:
-        raise ExportError(f"{model_dir}/config.json cannot be read ({str(exc).splitlines()[0]}); expected a Hugging "
-                          "Face config. Fix: save the model again with save_pretrained") from None
-    from milora.model.inject import KNOWN_ARCHITECTURES
-    from milora.errors import UnsupportedModelError
-
-    archs = getattr(config, "architectures", None) or [type(config).__name__]
-    if archs[0] not in KNOWN_ARCHITECTURES:
-        raise UnsupportedModelError(f"{model_dir} holds a {archs[0]}; milora-export supports "
-                                    f"{', '.join(KNOWN_ARCHITECTURES)}. Fix: export a model of one of those "
-                                    "architectures (LLaMA layout)")
-    weights = [p for p in model_dir.iterdir() if p.name.startswith(("model", "pytorch_model"))
-               and p.name.endswith((".safetensors", ".bin", ".index.json"))]
-    if not weights:
-        raise ExportError(f"{model_dir} has no weights file; expected model.safetensors (or sharded "
-                          "model-*.safetensors with their index) next to config.json. Fix: save the model with "
-                          "save_pretrained, or copy its weights there")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad weights file
-        raise ExportError(f"cannot load the model weights in {model_dir} ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); the files are missing or corrupt. "
-                          "Fix: copy or save the model again") from None
-    return model.eval()
+    return load_base_model(model_dir, dtype, ExportError, "MODEL_DIR")
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:

@@ -28,6 +28,7 @@ import torch
 from milora.format.contract import NUM_EXPERTS
 from milora.errors import ValidationError
 from milora.format import manifest as mf
+from milora.format.padding import left_pad, right_pad
 from milora.format.tolerances import margin, tolerance
 from milora.format.pack import assemble_banks, default_slots
 
@@ -178,11 +179,7 @@ def run_graphs(root: Path, manifest: dict[str, Any], rows: list[Row], sess: dict
     banks = assemble_banks(root, manifest, slots)
     slot_of = {name: s for s, name in enumerate(slots) if name is not None}
     nl, b = manifest["base"]["num_layers"], len(rows)
-    t = max(len(r.prompt) for r in rows)
-    ids = np.full((b, t), PAD_ID, np.int64)
-    mask = np.zeros((b, t), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r.prompt):], mask[i, t - len(r.prompt):] = r.prompt, 1
+    ids, mask = left_pad([r.prompt for r in rows], PAD_ID)
     tenant_slots = np.array([0 if r.tenant is None else slot_of[r.tenant] for r in rows], np.int64)
     feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: tenant_slots}
     out = _run(sess["prefill"], feeds, banks, "prefill")
@@ -213,10 +210,7 @@ def run_fused_graphs(root: Path, manifest: dict[str, Any], rows: list[Row], sess
     nl, steps = base["num_layers"], len(rows[0].decode)
     lens = np.array([len(r.prompt) for r in rows])
     t = int(lens.max())
-    ids = np.full((b, t), PAD_ID, np.int64)
-    right = np.zeros((b, t), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, :len(r.prompt)], right[i, :len(r.prompt)] = r.prompt, 1
+    ids, right = right_pad([r.prompt for r in rows], PAD_ID)
     tenant_slots = np.array([0 if r.tenant is None else slot_of[r.tenant] for r in rows], np.int64)
     out = _run(sess["prefill"], {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: right, mf.TENANT_SLOTS: tenant_slots},
                banks, "prefill")

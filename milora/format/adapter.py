@@ -15,7 +15,6 @@ A directory with
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name, router_tensor_name
+from milora.format.jsonfile import read_json
 from milora.errors import AdapterFormatError, BaseMismatchError, ConfigError
 from milora.format.finite import check_finite
 from milora.format.config import MiloraConfig
@@ -139,17 +139,7 @@ def read_config(adapter_dir: str | Path) -> tuple[MiloraConfig, dict[str, Any]]:
             f"{adapter_dir} is not a MiLoRA adapter: {ADAPTER_CONFIG_FILE} is missing "
             f"(expected {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE})"
         )
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{path} is not valid JSON ({exc}); the file is corrupt. Fix: re-save the "
-                                 "adapter") from None
-    except RecursionError:
-        raise AdapterFormatError(f"{path} is nested too deeply to be an adapter config; the file is corrupt. "
-                                 "Fix: re-save the adapter") from None
-    if not isinstance(data, dict):
-        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(data).__name__}. Fix: re-save the "
-                                 "adapter")
+    data = read_json(path, AdapterFormatError, "re-save the adapter", "an adapter config")
     try:
         config = MiloraConfig.from_json_dict(data)
     except ConfigError as exc:

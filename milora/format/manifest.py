@@ -28,6 +28,7 @@ import numpy as np
 
 from milora.format.adapter import module_dims
 from milora.format.contract import EXPERTS, NUM_EXPERTS
+from milora.format.jsonfile import json_kind, read_json
 from milora.errors import ManifestError
 
 MANIFEST_FORMAT = "milora-export"
@@ -270,14 +271,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST_FILE
     if not path.is_file():
         raise ManifestError(f"{root} holds no {MANIFEST_FILE}; expected a directory written by milora-export")
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc}); the file is corrupt: export again") from None
-    except RecursionError:
-        raise ManifestError(f"{path} is nested too deeply to be a manifest; the file is corrupt: export again") from None
+    manifest = read_json(path, ManifestError, "export again", "a manifest", require_object=False)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        seen = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        seen = manifest.get("format") if isinstance(manifest, dict) else json_kind(manifest)
         raise ManifestError(f"{path} is not a milora-export manifest (format={seen!r}), expected format "
                             f"{MANIFEST_FORMAT!r}: export again")
     if manifest.get("format_version") != MANIFEST_VERSION:

@@ -87,14 +87,3 @@ def bank_layout(manifest: dict) -> dict[str, tuple[TensorSpec, int]]:
 def kv_shape(manifest: dict, batch: int, length: int) -> tuple[int, int, int, int]:
     base = manifest["base"]
     return batch, base["num_kv_heads"], length, base["head_dim"]
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids, mask [b, T] int64, left-padded (as OrtBackend and the validator do)."""
-    t = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), t), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), t), dtype=np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = p
-        mask[i, t - len(p):] = 1
-    return ids, mask

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.errors import EngineBuildError, ManifestError
+from milora.format.jsonfile import read_json
 from milora.format import manifest as mf
 from milora.plugins import profiles as pf
 
@@ -122,11 +123,9 @@ def read_engines(engine_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ManifestError(f"{engine_dir} holds no {pf.ENGINES_FILE}; expected a directory written by "
                             f"milora-build-engines. Fix: milora-build-engines {out_dir} {engine_dir}")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc}); build the engines again") from None
-    if not isinstance(doc, dict) or doc.get("format") != pf.ENGINES_FORMAT or not isinstance(doc.get("graphs"), dict):
+    doc = read_json(path, ManifestError, f"build the engines again: milora-build-engines {out_dir} {engine_dir}",
+                    "an engines record")
+    if doc.get("format") != pf.ENGINES_FORMAT or not isinstance(doc.get("graphs"), dict):
         raise ManifestError(f"{path} is not a milora-build-engines record; build the engines again")
     want = mf.sha256_file(Path(out_dir) / mf.MANIFEST_FILE)
     if doc.get("source", {}).get("manifest_sha256") != want:

@@ -75,6 +75,7 @@ def _banks(m):
 
 
 def _left_pad(prompts):
+    # milora.format.padding.left_pad, spelled out: this script runs from OUT_DIR without milora
     t = max(len(p) for p in prompts)
     ids, mask = np.zeros((len(prompts), t), np.int64), np.zeros((len(prompts), t), np.int64)
     for i, p in enumerate(prompts):

@@ -30,6 +30,7 @@ import numpy as np
 
 from milora.errors import ManifestError, RequestError
 from milora.format import manifest as mf
+from milora.format.padding import left_pad, pad_left_to
 from milora.plugins import binding as bd
 from milora.plugins.profiles import Range
 
@@ -186,7 +187,7 @@ class TensorRTBackend:
         return logits, gates, kv
 
     def _prefill(self, prompts, slots):
-        ids, mask = bd.left_pad(prompts, self.pad_token_id)
+        ids, mask = left_pad(prompts, self.pad_token_id)
         b, t = ids.shape
         bd.check_call("prefill", self.limits, b, t)
         p = bd.plan(self.manifest, "prefill", b, t)
@@ -266,8 +267,8 @@ class TensorRTBackend:
     def merge(self, a: TrtKV, b: TrtKV) -> TrtKV:
         """Rows of a then rows of b, left-padded to a common length."""
         p = max(a.length, b.length)
-        mask = np.concatenate([_left_pad(a.mask, p), _left_pad(b.mask, p)], axis=0)
-        past = [np.concatenate([_left_pad(x, p, axis=2), _left_pad(y, p, axis=2)], axis=0)
+        mask = np.concatenate([pad_left_to(a.mask, p), pad_left_to(b.mask, p)], axis=0)
+        past = [np.concatenate([pad_left_to(x, p, axis=2), pad_left_to(y, p, axis=2)], axis=0)
                 for x, y in zip(self._host(a), self._host(b))]
         return TrtKV(mask, past)
 
@@ -289,15 +290,6 @@ class TensorRTBackend:
             for buf in graph.values():
                 buf.free()
         self.banks, self.staging, self.runners = {}, {}, {}
-
-
-def _left_pad(x: np.ndarray, length: int, axis: int = 1) -> np.ndarray:
-    pad = length - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (pad, 0)
-    return np.pad(x, widths)
 
 
 def _load_runners(engine_dir: Path, doc: dict) -> dict[str, TrtRunner]:

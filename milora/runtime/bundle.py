@@ -6,13 +6,13 @@ torch nor transformers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from milora.errors import ManifestError
 from milora.format import manifest as mf
+from milora.format.jsonfile import read_json
 
 
 @dataclass
@@ -112,12 +112,7 @@ class Bundle:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({str(exc)[:200]}); the file is corrupt: export again") \
-            from None
-    return data if isinstance(data, dict) else {}
+    return read_json(path, ManifestError, "export again (the file is copied from the model directory)")
 
 
 def _token_ids(value: Any, key: str, vocab: int, root: Path) -> list[int]:

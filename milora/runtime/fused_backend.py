@@ -24,6 +24,7 @@ import numpy as np
 from milora.errors import RequestError
 from milora.format import lora_batch
 from milora.format import manifest as mf
+from milora.format.padding import right_pad
 from milora.runtime.ort_backend import OrtBackend
 
 CAPACITY_STEP = 64  # KV buffers are sized in multiples of this many positions
@@ -82,11 +83,7 @@ class FusedOrtBackend(OrtBackend):
             raise RequestError(f"prefill needs one slot per prompt and no empty prompt; got {len(prompts)} prompts "
                                f"(lengths {[len(p) for p in prompts][:8]}) and {len(slots)} slots")
         lengths = np.array([len(p) for p in prompts], np.int64)
-        t = int(lengths.max())
-        ids = np.full((len(prompts), t), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(prompts), t), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)], mask[i, :len(p)] = p, 1
+        ids, mask = right_pad(prompts, self.pad_token_id)
         out = self._run("prefill", {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots},
                         [mf.LOGITS, mf.GATES, *self.present_names])
         logits = out[0].numpy()[:, -1, :].astype(np.float32)  # [b, V]

@@ -19,6 +19,7 @@ import numpy as np
 
 from milora.errors import ManifestError, RequestError
 from milora.format import manifest as mf
+from milora.format.padding import left_pad, pad_left_to
 from milora.format.manifest import NP_DTYPES
 from milora.runtime.weights import map_shared_initializers
 
@@ -159,12 +160,7 @@ class OrtBackend:
         if len(slots) != len(prompts) or not all(len(p) for p in prompts):
             raise RequestError(f"prefill needs one slot per prompt and no empty prompt; got {len(prompts)} prompts "
                                f"(lengths {[len(p) for p in prompts][:8]}) and {len(slots)} slots")
-        t = max(len(p) for p in prompts)
-        ids = np.full((len(prompts), t), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(prompts), t), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, t - len(p):] = p
-            mask[i, t - len(p):] = 1
+        ids, mask = left_pad(prompts, self.pad_token_id)
         feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots}
         out = self._run("prefill", feeds, [mf.LOGITS, mf.GATES, *self.present_names])
         logits = out[0].numpy()[:, -1, :].astype(np.float32)  # [b, V]
@@ -216,8 +212,8 @@ class OrtBackend:
     def merge(self, a: BatchKV, b: BatchKV) -> BatchKV:
         """Rows of a then rows of b, left-padded to a common length."""
         p = max(a.length, b.length)
-        mask = np.concatenate([_left_pad(a.mask, p), _left_pad(b.mask, p)], axis=0)
-        past = [np.concatenate([_left_pad(self._host(x), p, axis=2), _left_pad(self._host(y), p, axis=2)], axis=0)
+        mask = np.concatenate([pad_left_to(a.mask, p), pad_left_to(b.mask, p)], axis=0)
+        past = [np.concatenate([pad_left_to(self._host(x), p, axis=2), pad_left_to(self._host(y), p, axis=2)], axis=0)
                 for x, y in zip(a.past, b.past)]
         return BatchKV(mask, past)
 
@@ -227,15 +223,6 @@ class OrtBackend:
         used = np.nonzero(mask.any(axis=0))[0]
         start = int(used[0]) if used.size else mask.shape[1]
         return BatchKV(mask[:, start:], [self._host(x)[rows][:, :, start:] for x in kv.past])
-
-
-def _left_pad(x: np.ndarray, length: int, axis: int = 1) -> np.ndarray:
-    pad = length - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (pad, 0)
-    return np.pad(x, widths)
 
 
 def open_backend(root, manifest: dict[str, Any], providers: Sequence[str] | None = None, threads: int | None = None,

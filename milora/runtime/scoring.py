@@ -17,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from milora.errors import TenantError
+from milora.errors import RequestError, TenantError
+from milora.format.padding import right_pad
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -36,10 +37,7 @@ def score_options(engine, tenant: str | None, prompt_ids: Sequence[int], options
         c, longest = len(options), max(len(o) for o in options)
         if longest == 1:  # one-token options (BoolQ's no / yes): the prompt's logits are all it takes
             return [float(first[o[0]]) for o in options]
-        ids = np.full((c, longest), engine.bundle.pad_token_id, dtype=np.int64)
-        mask = np.zeros((c, longest), dtype=np.int64)
-        for i, o in enumerate(options):
-            ids[i, : len(o)], mask[i, : len(o)] = o, 1
+        ids, mask = right_pad(options, engine.bundle.pad_token_id)  # options continue the prompt
         kv = backend.repeat_rows(kv, c)
         rows = backend.bind_rows(np.full(c, slot, dtype=np.int64), np.repeat(gates, c, axis=0))
         logits = backend.extend(ids, mask, kv, rows)
@@ -57,11 +55,24 @@ class MCResult:
     predictions: list[int] = field(default_factory=list)
 
 
+# How an option's summed log-likelihood is normalised before the options are compared (the
+# same rule for the PyTorch evaluation, milora.train.eval, and for the runtime's scoring):
+# by its characters (as lm-eval-harness's acc_norm), its tokens, or not at all.
+NORMS = ("char", "token", "none")
+
+
+def option_norm(choice: str, option_ids, norm: str) -> int:
+    """The divisor of an option's log-likelihood under `norm` (one of NORMS)."""
+    return {"char": max(1, len(choice)), "token": max(1, len(option_ids)), "none": 1}[norm]
+
+
 def evaluate_mc(engine, tenant: str | None, items, chat: bool = True, norm: str = "char") -> MCResult:
     """Accuracy on multiple-choice items (objects with .prompt, .choices, .answer_index), options
     normalised as milora.train.eval does: by characters ('char'), tokens ('token') or not ('none')."""
     if tenant is not None and tenant not in engine.tenants:
         raise TenantError(f"unknown tenant {tenant!r}")
+    if norm not in NORMS:
+        raise RequestError(f"norm={norm!r}; expected one of {', '.join(NORMS)}")
     bundle = engine.bundle
     correct, preds = [], []
     for ex in items:
@@ -69,8 +80,7 @@ def evaluate_mc(engine, tenant: str | None, items, chat: bool = True, norm: str 
             else ex.prompt + "\n"
         options = [bundle.encode(o) or [bundle.pad_token_id] for o in ex.choices]
         scores = score_options(engine, tenant, bundle.encode(text), options)
-        denom = [{"char": max(1, len(ch)), "token": len(o), "none": 1}[norm] for ch, o in zip(ex.choices, options)]
-        scores = [s / d for s, d in zip(scores, denom)]
+        scores = [s / option_norm(ch, o, norm) for s, ch, o in zip(scores, ex.choices, options)]
         best = int(np.argmax(scores))
         preds.append(best)
         correct.append(best == ex.answer_index)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from milora.errors import DataError, MiloraError
+from milora.errors import ConfigError, DataError, MiloraError
 from milora.format.config import MiloraConfig
 from milora.train.data import Example, load_task, read_jsonl
 from milora.train.eval import EvalResult, evaluate
@@ -38,10 +38,12 @@ def resolve_base(base: str | Path) -> Path:
 
 def load_base(base: str | Path):
     """(model, tokenizer) from a base directory, float32, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from milora.model.load import load_base_model
 
     path = resolve_base(base)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    return load_base_model(path, "float32", ConfigError, "base model"), AutoTokenizer.from_pretrained(path)
 
 
 def dataset(task: str | None = None, data: str | Path | None = None, split: str = "train",

@@ -12,13 +12,13 @@ flags given on the command line override it. Exit status 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from milora.cli_errors import ArgumentParser, cli_main, positive
 from milora.errors import ConfigError, UsageError
+from milora.format.jsonfile import read_json
 
 # flag dest -> MiloraConfig field
 ADAPTER_FLAGS = {"rank": "rank", "alpha": "alpha", "top_k": "top_k", "pooler": "pooler", "activation": "activation",
@@ -78,15 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 def read_config_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     if path is None:
         return {}, {}
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist; expected a JSON file. Fix: check the --config "
-                          "path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {getattr(exc, 'msg', exc)}; expected "
-                          '{"adapter": {...}, "train": {...}}') from None
-    unknown = sorted(set(data) - {"adapter", "train"}) if isinstance(data, dict) else ["<not an object>"]
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist; expected a JSON file. Fix: check the --config path")
+    data = read_json(path, ConfigError, 'write it as {"adapter": {...}, "train": {...}}', "a config file")
+    unknown = sorted(set(data) - {"adapter", "train"})
     if unknown:
         raise ConfigError(f"config file {path}: unexpected top-level keys {unknown}; expected 'adapter' and 'train'")
     sections = data.get("adapter", {}), data.get("train", {})

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from milora.format.padding import left_pad
 from milora.errors import DataError
 # One definition of "the final number of a math answer", shared with the runtime's scorer.
+from milora.runtime.scoring import NORMS, option_norm
 from milora.runtime.scoring import extract_number, same_number  # noqa: F401 (re-exported)
 from milora.train.data import Example
 from milora.train.encode import pad_id_of, prompt_ids
-
-NORMS = ("char", "token", "none")
 
 
 @dataclass
@@ -107,8 +107,7 @@ def option_scores(model, tokenizer, ex: Example, chat: bool = True, max_length: 
     scores = []
     for i, o in enumerate(options):
         lp = first[o[0]] + sum(logp[i, j - 1, o[j]] for j in range(1, len(o)))
-        denom = {"char": max(1, len(ex.choices[i])), "token": len(o), "none": 1}[norm]
-        scores.append(float(lp) / denom)
+        scores.append(float(lp) / option_norm(ex.choices[i], o, norm))
     return scores
 
 
@@ -141,12 +140,8 @@ def evaluate_math(model, tokenizer, examples: list[Example], chat: bool = True, 
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         prompts = [prompt_ids(tokenizer, e.prompt, chat) for e in chunk]
-        t = max(len(p) for p in prompts)
-        ids = torch.full((len(chunk), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), t), dtype=torch.long)
-        for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[r, t - len(p):] = torch.tensor(p)
-            mask[r, t - len(p):] = 1
+        ids, mask = (torch.from_numpy(a) for a in left_pad(prompts, pad))  # prompts end where generation starts
+        t = ids.shape[1]
         out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for r, e in enumerate(chunk):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from milora.format.contract import EXPERTS
+from milora.format.padding import left_pad
 from milora.errors import DataError, MiloraError
 from milora.train.data import Example
 from milora.train.encode import pad_id_of, prompt_ids
@@ -30,12 +31,7 @@ def expert_frequencies(model, tokenizer, examples: list[Example], chat: bool = T
     counts = torch.zeros(model.num_layers, len(EXPERTS), dtype=torch.float64)
     for i in range(0, len(examples), batch_size):
         prompts = [prompt_ids(tokenizer, e.prompt, chat)[-max_length:] for e in examples[i:i + batch_size]]
-        t = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), t), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, t - len(p):] = torch.tensor(p)
-            mask[r, t - len(p):] = 1
+        ids, mask = (torch.from_numpy(a) for a in left_pad(prompts, pad))
         routing = model.compute_routing(ids, mask)
         counts += routing.active().sum(dim=0).double()  # [L, 7]
     return (counts / len(examples)).float()

@@ -47,7 +47,7 @@ class LoraPair:
     scale: float
 
 
-def resolve_base(base_model_or_dims: nn.Module | dict[str, Any]) -> dict[str, Any]:
+def base_dims(base_model_or_dims: nn.Module | dict[str, Any]) -> dict[str, Any]:
     """The base dimensions (adapter_format.BASE_KEYS) of a HF model, or a dict that holds them."""
     if isinstance(base_model_or_dims, dict):
         missing = [k for k in BASE_KEYS if k not in base_model_or_dims]

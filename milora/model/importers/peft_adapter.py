@@ -13,7 +13,6 @@ PEFT does not read this package; only its file format is.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -23,10 +22,11 @@ from torch import Tensor
 
 from milora.format.adapter import module_dims
 from milora.format.contract import EXPERT_PARENT, EXPERTS
+from milora.format.jsonfile import read_json
 from milora.errors import BaseMismatchError, AdapterImportError
 from milora.format.finite import check_finite
 from milora.format.config import MiloraConfig
-from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
+from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, base_dims
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -67,13 +67,8 @@ def read_peft_config(peft_dir: str | Path) -> dict[str, Any]:
     path = Path(peft_dir) / PEFT_CONFIG_FILE
     if not path.is_file():
         raise AdapterImportError(f"{peft_dir} is not a PEFT adapter: {PEFT_CONFIG_FILE} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterImportError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise AdapterImportError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(path, AdapterImportError, "save the adapter again with PEFT's save_pretrained",
+                     "a PEFT adapter config")
 
 
 def check_peft_config(cfg: dict[str, Any], path: Path) -> None:
@@ -187,7 +182,7 @@ def import_peft_adapter(base_model_or_dims: Any, peft_dir: str | Path) -> Import
     the result also carries `.base`. Raises AdapterImportError for adapters whose maths differs
     from plain LoRA and BaseMismatchError for adapters made for another base."""
     peft_dir = Path(peft_dir)
-    base = resolve_base(base_model_or_dims)
+    base = base_dims(base_model_or_dims)
     cfg = read_peft_config(peft_dir)
     check_peft_config(cfg, peft_dir / PEFT_CONFIG_FILE)
     raw = _read_tensors(peft_dir)

@@ -27,7 +27,7 @@ from milora.format.contract import EXPERTS, NUM_EXPERTS, router_tensor_name
 from milora.errors import BaseMismatchError, ConfigError, AdapterImportError
 from milora.format.finite import check_finite
 from milora.format.config import MiloraConfig
-from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, resolve_base
+from milora.model.importers.common import ImportedAdapter, LoraPair, pack_lora, base_dims
 from milora.model.importers.safe_pickle import GlobalRef, PickledModule, load_pickled_modules
 from milora.model.router import RATIONAL_INIT
 
@@ -234,7 +234,7 @@ def import_reference_checkpoint(base_model_or_dims: Any, checkpoint_dir: str | P
     Raises UnsafeCheckpointError for pickles that would run code, BaseMismatchError for
     checkpoints of another base (including GQA bases: the reference assumes none)."""
     checkpoint_dir = Path(checkpoint_dir)
-    base = resolve_base(base_model_or_dims)
+    base = base_dims(base_model_or_dims)
     paths = [checkpoint_dir / MODULES_FILE, checkpoint_dir / GATINGS_FILE]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
