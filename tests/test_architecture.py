@@ -110,3 +110,16 @@ def test_the_doc_draws_every_part():
     doc = (ROOT / "docs" / "architecture.md").read_text()
     missing = [p for p in ALLOWED if p != "milora" and f"`{p}`" not in doc]
     assert missing == [], f"docs/architecture.md does not describe {missing}"
+
+
+def test_every_command_points_at_a_function_that_exists():
+    """pyproject's [project.scripts]: each milora-* command's module imports and names a
+    callable (a moved main() would otherwise only fail once installed)."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) >= 8
+    for command, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr, None)), f"{command} -> {target}"
