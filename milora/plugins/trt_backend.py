@@ -30,6 +30,7 @@ import numpy as np
 
 from milora.errors import ManifestError, RequestError
 from milora.format import manifest as mf
+from milora.runtime.backend import check_slots
 from milora.format.padding import left_pad, pad_left_to
 from milora.plugins import binding as bd
 from milora.plugins.profiles import Range
@@ -139,14 +140,10 @@ class TensorRTBackend:
             self.dev.upload(buf, zeros, s * per_slot)
 
     def check_slots(self, slots) -> np.ndarray:
-        arr = np.asarray(slots)
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise RequestError(f"tenant slots must be a 1-D array of integers, got {arr.dtype} {list(arr.shape)}")
-        bad = arr[(arr < 0) | (arr >= self.slots)]
-        if bad.size:
-            raise RequestError(f"tenant slot(s) {sorted(set(bad.tolist()))[:5]} out of range; this export has "
-                               f"slots 0..{self.slots - 1} (0 = the base model)")
-        return arr.astype(np.int64, copy=False)
+        """slots as int64 [B], each in 0..S-1, else RequestError before any graph runs: ONNX
+        Gather wraps a negative index (slot -1 would read the LAST slot's tenant) and fails
+        inside onnxruntime on one past the end."""
+        return check_slots(slots, self.slots)
 
     # ---- graphs ----
 

@@ -24,6 +24,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from milora.errors import RequestError
+
 
 @runtime_checkable
 class KVState(Protocol):
@@ -74,3 +76,17 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release sessions and device memory now."""
+
+
+def check_slots(slots: Any, num_slots: int) -> np.ndarray:
+    """Tenant slots of a call as int64 [b], or RequestError (before any backend runs) when they
+    are not a 1-D integer array or one lies outside 0..num_slots-1. Every backend's
+    check_slots is this."""
+    arr = np.asarray(slots)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise RequestError(f"tenant slots must be a 1-D array of integers, got {arr.dtype} {list(arr.shape)}")
+    bad = arr[(arr < 0) | (arr >= num_slots)]
+    if bad.size:
+        raise RequestError(f"tenant slot(s) {sorted(set(bad.tolist()))[:5]} out of range; this export has "
+                           f"slots 0..{num_slots - 1} (0 = the base model)")
+    return arr.astype(np.int64, copy=False)

@@ -19,6 +19,7 @@ import numpy as np
 
 from milora.errors import ManifestError, RequestError
 from milora.format import manifest as mf
+from milora.runtime.backend import check_slots
 from milora.format.padding import left_pad, pad_left_to
 from milora.format.manifest import NP_DTYPES
 from milora.runtime.weights import map_shared_initializers
@@ -145,14 +146,7 @@ class OrtBackend:
         """slots as int64 [B], each in 0..S-1, else RequestError before any graph runs: ONNX
         Gather wraps a negative index (slot -1 would read the LAST slot's tenant) and fails
         inside onnxruntime on one past the end."""
-        arr = np.asarray(slots)
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise RequestError(f"tenant slots must be a 1-D array of integers, got {arr.dtype} {list(arr.shape)}")
-        bad = arr[(arr < 0) | (arr >= self.slots)]
-        if bad.size:
-            raise RequestError(f"tenant slot(s) {sorted(set(bad.tolist()))[:5]} out of range; this export has "
-                               f"slots 0..{self.slots - 1} (0 = the base model)")
-        return arr.astype(np.int64, copy=False)
+        return check_slots(slots, self.slots)
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[np.ndarray, np.ndarray, BatchKV]:
         """Left-padded prefill of new rows -> (last-position logits [b, V], gates [b, L, 7], their KV)."""
