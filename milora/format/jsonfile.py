@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from milora.errors import MiloraError
 
@@ -34,6 +34,36 @@ def read_json(path: str | Path, error: type[MiloraError], fix: str, what: str = 
     if require_object and not isinstance(data, dict):
         raise error(f"{path} must hold a JSON object, got {json_kind(data)}; the file is corrupt. Fix: {fix}")
     return data
+
+
+def read_jsonl(path: str | Path, error: type[MiloraError], what: str) -> Iterator[tuple[str, Any]]:
+    """(where, value) for each non-blank line of a JSON Lines file, where = "PATH:LINE". A
+    missing file, a line that is not UTF-8 or not JSON, or one nested too deeply is `error`
+    naming the file and line; `what` says what a line should hold ("one request object")."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist; expected a JSONL file, {what} per line")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror or exc}); expected a JSONL file") from None
+    for n, line in enumerate(raw.splitlines(), start=1):
+        where = f"{path}:{n}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected {what} per line, "
+                        "UTF-8 encoded") from None
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise error(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected {what} per line") \
+                from None
+        except RecursionError:
+            raise error(f"{where}: JSON nested too deeply; expected {what} per line") from None
+        yield where, value
 
 
 def json_kind(value: Any) -> str:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from milora.cli_errors import ArgumentParser, cli_main, positive
+from milora.format.jsonfile import read_jsonl
 from milora.errors import MiloraError, UsageError
 from milora.runtime.engine import Engine
 from milora.runtime.sampling import SamplingParams
@@ -203,24 +204,7 @@ def _sampling_overrides(item: dict) -> dict:
 
 def read_batch(path: Path) -> list[dict]:
     """The requests of a --batch JSONL file; MiloraError naming FILE:LINE for a bad line."""
-    if not path.is_file():
-        raise MiloraError(f"batch file {path} does not exist; expected a JSONL file, one request per line")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise MiloraError(f"batch file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected JSONL") \
-            from None
-    requests = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MiloraError(f"{path}:{n}: not valid JSON ({exc.msg}); expected one JSON object per line") from None
-        except RecursionError:
-            raise MiloraError(f"{path}:{n}: JSON nested too deeply; expected one request object") from None
-        requests.append(_check_item(item, f"{path}:{n}"))
+    requests = [_check_item(item, where) for where, item in read_jsonl(path, MiloraError, "one request object")]
     if not requests:
         raise MiloraError(f"batch file {path} holds no requests; expected one JSON object per line")
     return requests

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from milora.format.jsonfile import read_jsonl as read_json_lines
 from milora.errors import DataError
 
 SPLITS = ("train", "dev", "test")
@@ -87,25 +88,7 @@ def _example_from_record(rec: Any, where: str) -> Example:
 def read_jsonl(path: str | Path) -> list[Example]:
     """One example per non-blank line. DataError naming the file and line on any bad line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    out = []
-    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        where = f"{path}:{n}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected one JSON object "
-                            "per line, UTF-8 encoded") from None
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        except RecursionError:
-            raise DataError(f"{where}: JSON nested too deeply; expected one example object") from None
-        out.append(_example_from_record(rec, where))
+    out = [_example_from_record(rec, where) for where, rec in read_json_lines(path, DataError, "one example object")]
     if not out:
         raise DataError(f"data file {path} holds no examples")
     return out
