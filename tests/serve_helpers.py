@@ -22,21 +22,23 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}w20{% eli
 _CACHE: dict[str, tuple[Path, Path]] = {}
 
 
-def tiny_chat_export() -> tuple[Path, Path]:
+def tiny_chat_export(hidden: int = 32) -> tuple[Path, Path]:
     """(model_dir, out_dir): the runtime tests' tiny Llama with 4 tenants, a word-level tokenizer
-    and a chat template; exported once per test process (read-only: copy it to modify it)."""
-    if "tiny" not in _CACHE:
+    and a chat template; exported once per test process (read-only: copy it to modify it).
+    hidden 32: portable graphs; 64 (head dim 16): the fused flavour."""
+    key = f"tiny-{hidden}"
+    if key not in _CACHE:
         from milora.export.exporter import export
 
         root = Path(tempfile.mkdtemp(prefix="milora-serve-tests-"))
         atexit.register(shutil.rmtree, root, True)
-        model_dir = make_model_dir(root)
+        model_dir = make_model_dir(root, hidden=hidden)
         add_word_tokenizer(model_dir)
         (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         out_dir = root / "out"
         export(model_dir, out_dir, progress=False)
-        _CACHE["tiny"] = (model_dir, out_dir)
-    return _CACHE["tiny"]
+        _CACHE[key] = (model_dir, out_dir)
+    return _CACHE[key]
 
 
 class ServerThread:

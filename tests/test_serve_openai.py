@@ -18,9 +18,14 @@ from serve_helpers import TENANTS, ServerThread, tiny_chat_export  # noqa: E402
 MAX = 8
 
 
-@pytest.fixture(scope="module")
-def exported():
-    return tiny_chat_export()
+@pytest.fixture(scope="module", params=[32, 64], ids=["portable", "fused"])
+def exported(request):
+    """Both graph flavours: the server must not care which one the export holds."""
+    from milora.format import manifest as mf
+
+    model_dir, out_dir = tiny_chat_export(hidden=request.param)
+    assert mf.read_manifest(out_dir)["flavour"] == {32: mf.FLAVOUR_PORTABLE, 64: mf.FLAVOUR_FUSED}[request.param]
+    return model_dir, out_dir
 
 
 @pytest.fixture(scope="module")
