@@ -21,12 +21,20 @@ WARMUP = 100
 TENANTS = [None, "alpha", "beta", "gamma", "delta", "eps", "zeta"]  # 6 tenants for 4 slots: evictions
 
 
-@pytest.fixture(scope="module")
-def out_dir(tiny_export, tmp_path_factory):
+@pytest.fixture(scope="module", params=["portable", "fused"])
+def out_dir(request, tmp_path_factory):
+    """Each graph flavour's tiny export (the fused backend keeps KV in preallocated buffers
+    that grow: its memory must settle too), with two more tenants than slots."""
+    import functools
+
+    from helpers import tiny_llama
+
+    fused = request.param == "fused"
+    _, out = request.getfixturevalue("tiny_fused_export" if fused else "tiny_export")
     root = tmp_path_factory.mktemp("soak")
-    _, out = tiny_export
+    builder = functools.partial(tiny_llama, hidden=64 if fused else 32)
     for i, name in enumerate(("eps", "zeta")):
-        tenant(60 + i, config=MiloraConfig(rank=2, alpha=4, top_k=2)).save_adapter(root / name)
+        tenant(60 + i, builder=builder, config=MiloraConfig(rank=2, alpha=4, top_k=2)).save_adapter(root / name)
     return root, out
 
 
