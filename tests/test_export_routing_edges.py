@@ -52,19 +52,25 @@ def _scale_routers(directory, factor: float) -> None:
     save_file(tensors, str(path))
 
 
-@pytest.fixture(scope="module")
-def huge_margin(tmp_path_factory):
+@pytest.fixture(scope="module", params=["portable", "fused"])
+def huge_margin(request, tmp_path_factory):
     """A tiny base with one k=2 paper-gate tenant whose router margins are in the thousands
-    (its second gate underflows to exactly 0 in float32 softmax) and one ordinary tenant."""
+    (its second gate underflows to exactly 0 in float32 softmax) and one ordinary tenant, in
+    each graph flavour (hidden 64 gives the head dim 16 the fused flavour needs)."""
+    import functools
+
     root = tmp_path_factory.mktemp("huge_margin")
     model_dir = root / "model"
-    tiny_llama(0).save_pretrained(str(model_dir))
+    builder = functools.partial(tiny_llama, hidden=64 if request.param == "fused" else 32)
+    builder(0).save_pretrained(str(model_dir))
     add_word_tokenizer(model_dir)
-    tenant(21, config=MiloraConfig(rank=4, alpha=8, top_k=2)).save_adapter(model_dir / "adapters" / "steep")
-    tenant(22, config=MiloraConfig(rank=4, alpha=8, top_k=2)).save_adapter(model_dir / "adapters" / "plain")
+    for seed, name in ((21, "steep"), (22, "plain")):
+        tenant(seed, builder=builder, config=MiloraConfig(rank=4, alpha=8, top_k=2)).save_adapter(
+            model_dir / "adapters" / name)
     _scale_routers(model_dir / "adapters" / "steep", 1e6)
     out = root / "out"
     manifest = export(model_dir, out, **FAST)
+    assert manifest["flavour"] == request.param
     return model_dir, out, manifest
 
 
