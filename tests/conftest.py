@@ -16,3 +16,15 @@ def tiny_export(tmp_path_factory):
     k, pooler, activation, position and gate mode all differ), exported and validated once per
     session. Read-only: a test that changes files works on a copy."""
     return export_tiny(tmp_path_factory.mktemp("tiny_export"))
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_export(tmp_path_factory):
+    """tiny_export with head dim 16: the fused graph flavour (GroupQueryAttention needs D % 16 == 0)."""
+    return export_tiny(tmp_path_factory.mktemp("tiny_fused_export"), hidden=64)
+
+
+@pytest.fixture(scope="session", params=["portable", "fused"])
+def tiny_any_export(request):
+    """tiny_export and tiny_fused_export in turn: runtime tests that hold for every flavour."""
+    return request.getfixturevalue("tiny_export" if request.param == "portable" else "tiny_fused_export")

@@ -3,6 +3,7 @@ that differ in rank, k, gate mode, pooler, activation and its position, plus a P
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -35,12 +36,15 @@ def save_peft(directory: Path, seed: int = 99, base_seed: int = 0) -> Path:
     return directory
 
 
-def make_model_dir(root: Path, tenants: dict[str, MiloraConfig] | None = None, root_adapter: bool = False) -> Path:
-    """root/model: the tiny base (seed 0) with adapters/<name>/ per tenant (seeds 10, 11, ...)."""
+def make_model_dir(root: Path, tenants: dict[str, MiloraConfig] | None = None, root_adapter: bool = False,
+                   hidden: int = 32) -> Path:
+    """root/model: the tiny base (seed 0) with adapters/<name>/ per tenant (seeds 10, 11, ...);
+    hidden 64 makes head dim 16 (the fused flavour)."""
     model_dir = root / "model"
-    tiny_llama(0).save_pretrained(str(model_dir))
+    builder = functools.partial(tiny_llama, hidden=hidden)
+    builder(0).save_pretrained(str(model_dir))
     for i, (name, cfg) in enumerate((tenants if tenants is not None else TENANTS).items()):
-        tenant(10 + i, config=cfg).save_adapter(model_dir / "adapters" / name)
+        tenant(10 + i, builder=builder, config=cfg).save_adapter(model_dir / "adapters" / name)
     if root_adapter:
-        randomize_adapter(tenant(42, config=MiloraConfig(rank=2, alpha=2)), 42).save_adapter(model_dir)
+        randomize_adapter(tenant(42, builder=builder, config=MiloraConfig(rank=2, alpha=2)), 42).save_adapter(model_dir)
     return model_dir

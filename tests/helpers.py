@@ -8,11 +8,13 @@ from milora.format.config import MiloraConfig
 from milora.model.model import MiloraModel
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 96, **overrides):
+def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 96, hidden: int = 32, **overrides):
+    """hidden 32: head dim 8 (the portable graphs); hidden 64: head dim 16, which the fused
+    flavour needs (onnxruntime's GroupQueryAttention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden // 2, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
     return LlamaForCausalLM(cfg).eval()

@@ -21,11 +21,12 @@ def add_word_tokenizer(model_dir: Path) -> None:
     tok.save(str(model_dir / "tokenizer.json"))
 
 
-def export_tiny(root: Path, **options) -> tuple[Path, Path]:
-    """(model_dir, out_dir) for the export_helpers tenants (alpha, beta, gamma, delta)."""
+def export_tiny(root: Path, hidden: int = 32, **options) -> tuple[Path, Path]:
+    """(model_dir, out_dir) for the export_helpers tenants (alpha, beta, gamma, delta); hidden
+    64 gives head dim 16, so the default flavour is fused (32: portable)."""
     from milora.export.exporter import export
 
-    model_dir = make_model_dir(root)
+    model_dir = make_model_dir(root, hidden=hidden)
     add_word_tokenizer(model_dir)
     out_dir = root / "out"
     export(model_dir, out_dir, progress=False, **options)

@@ -192,3 +192,17 @@ def test_assets_without_subcommand_or_bad_cache(capsys, tmp_path):
 def test_demo_counts_not_positive(capsys, tmp_path, flag):
     fails(capsys, demo.main, ["--cache", tmp_path, flag, "0"], f"{flag} 0 is out of range", "Fix:")
     assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_flavour_fused_where_it_cannot_apply(capsys, tmp_path):
+    """Row 85: the tiny model's head dim is 8 (GroupQueryAttention needs a multiple of 16); the
+    other reasons given are listed too, and nothing is written."""
+    from export_helpers import make_model_dir
+    from milora.format.config import MiloraConfig
+
+    model_dir = make_model_dir(tmp_path / "src", {"solo": MiloraConfig(rank=2, alpha=4, top_k=2)})
+    fails(capsys, export_cli.main, [model_dir, tmp_path / "out", "--quiet", "--flavour", "fused", "--target",
+                                    "tensorrt", "--prefill-logits", "all"],
+          "--flavour fused does not apply", "head", "target tensorrt", "--prefill-logits all",
+          "Fix: pass --flavour portable")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

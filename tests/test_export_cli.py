@@ -57,3 +57,15 @@ def test_failure_mid_export_leaves_nothing(model_dir, tmp_path, capsys, monkeypa
     monkeypatch.setattr(exporter, "run_validation", broken)
     _fails(capsys, [str(model_dir), str(tmp_path / "out"), "--quiet"], "injected failure")
     assert not (tmp_path / "out").exists() and _no_partials(tmp_path)
+
+
+def test_flavour_choice_reaches_the_manifest(tmp_path, capsys):
+    """--flavour portable on a model that auto would export fused (head dim 16), and auto picks fused."""
+    from milora.format import manifest as mf
+
+    src = make_model_dir(tmp_path / "src", ONE, hidden=64)
+    for flavour, expected in (("portable", mf.FLAVOUR_PORTABLE), ("auto", mf.FLAVOUR_FUSED)):
+        out = tmp_path / flavour
+        assert main([str(src), str(out), "--quiet", "--decode-steps", "1", "--flavour", flavour]) == 0
+        assert mf.read_manifest(out)["flavour"] == expected
+    capsys.readouterr()

@@ -111,3 +111,54 @@ def test_nan_gate_in_row0_is_not_read_as_off(exported):
     want, got = _decode(exported, banks, pre, pre[mf.GATES]), _decode(exported, banks, pre, nan_gates)
     _assert_row1_identical(got, want, f"{lowering} decode")
     assert np.isnan(got[mf.LOGITS][0]).all()
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    """The fused flavour (head dim 16): prefill routes in the graph, decode takes per-batch LoRA."""
+    root = tmp_path_factory.mktemp("iso_fused")
+    model_dir = make_model_dir(root, {k: TENANTS[k] for k in ("alpha", "beta")}, hidden=64)
+    out = root / "out"
+    manifest = export(model_dir, out, progress=False, decode_steps=1)
+    assert manifest["flavour"] == mf.FLAVOUR_FUSED
+    return out, manifest
+
+
+def _fused_run(out, manifest, banks):
+    """Prefill rows [alpha, beta] right-padded, then one decode step through the runtime's own
+    per-batch LoRA builder: (prefill outputs, decode outputs)."""
+    import onnxruntime as ort
+
+    from milora.format import lora_batch
+
+    sess = {g: ort.InferenceSession(str(out / manifest["graphs"][g]["file"]), providers=["CPUExecutionProvider"])
+            for g in ("prefill", "decode")}
+    slots = default_slots(manifest)
+    tenant_slots = np.array([slots.index("alpha"), slots.index("beta")], np.int64)
+    ids = np.array([[5, 17, 33, 8, 0, 0], [9, 41, 2, 77, 13, 60]], np.int64)  # row 0 right-padded
+    mask = (ids != 0).astype(np.int64)
+    pre = _run(sess, "prefill", {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: tenant_slots}, banks)
+    lengths = mask.sum(1)
+    feeds = {mf.INPUT_IDS: np.array([[4], [5]], np.int64), mf.SEQLENS_K: lengths.astype(np.int32),
+             mf.TOTAL_SEQUENCE_LENGTH: np.array(lengths.max() + 1, np.int32),
+             **lora_batch.build(banks, tenant_slots, pre[mf.GATES], manifest["base"], manifest["max_rank"], "float32")}
+    for i in range(manifest["base"]["num_layers"]):
+        for past, present in ((mf.past_key(i), mf.present_key(i)), (mf.past_value(i), mf.present_value(i))):
+            buf = np.zeros((2, *pre[present].shape[1:2], 8, pre[present].shape[3]), np.float32)
+            buf[:, :, :6] = pre[present]
+            feeds[past] = buf
+    names = [o.name for o in sess["decode"].get_outputs()]
+    return pre, dict(zip(names, sess["decode"].run(names, feeds)))
+
+
+def test_fused_flavour_keeps_a_poisoned_row_in_its_row(fused):
+    """NaN in alpha's banks (LoRA and router): beta's gates, logits and KV are bit-identical in
+    prefill (routed in the graph) and in decode (per-batch LoRA rows); alpha's own are NaN."""
+    out, manifest = fused
+    clean = assemble_banks(out, manifest, default_slots(manifest))
+    alpha = default_slots(manifest).index("alpha")
+    poisoned = _poison(clean, alpha, _lora_banks() + [mf.ROUTER_WEIGHT])
+    (want_p, want_d), (got_p, got_d) = _fused_run(out, manifest, clean), _fused_run(out, manifest, poisoned)
+    _assert_row1_identical(got_p, want_p, "fused prefill")
+    _assert_row1_identical(got_d, want_d, "fused decode")
+    assert np.isnan(got_p[mf.GATES][0]).any() and np.isnan(got_d[mf.LOGITS][0]).all()

@@ -98,6 +98,7 @@ def valid_manifest() -> dict:
               for g, f in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE))}
     return {"format": mf.MANIFEST_FORMAT, "format_version": mf.MANIFEST_VERSION, "tool_versions": {"milora": "0"},
             "base": base, "experts": list(EXPERTS), "dtype": "float32", "opset": 18, "target": "onnxruntime",
+            "flavour": mf.FLAVOUR_PORTABLE,
             "lora_lowering": "if_compact", "max_rank": 2, "max_top_k": 2, "slots": 2,
             "option_columns": list(mf.OPTION_COLUMNS), "option_codes": {"pooler": mf.POOLER_CODES},
             "graphs": graphs, "banks": mf.bank_specs(base, 2, "float32"),

@@ -15,8 +15,8 @@ NEAR_TIE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_export):
-    return tiny_export
+def exported(tiny_any_export):
+    return tiny_any_export
 
 
 @pytest.fixture(scope="module")
@@ -263,14 +263,14 @@ def test_engine_takes_a_backend_it_does_not_build(exported):
     """Engine receives its backend (an instance or a factory of the opened Bundle) and drives
     it only through the Backend interface: a recording wrapper sees prefill, bind_rows once
     per membership change, decode per step, and close."""
-    from milora.runtime.ort_backend import OrtBackend
+    from milora.runtime.ort_backend import open_backend
 
     _, out_dir = exported
     calls = []
 
     class Recording:
         def __init__(self, bundle):
-            self.inner = OrtBackend(bundle.root, bundle.manifest)
+            self.inner = open_backend(bundle.root, bundle.manifest)
             self.slots, self.num_layers = self.inner.slots, self.inner.num_layers
 
     def delegate(name):

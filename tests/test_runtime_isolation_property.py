@@ -7,14 +7,17 @@ tenant (NaN written into its slot) fails alone and leaves every other row unchan
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import tenant
+from helpers import tenant, tiny_llama
 from milora.errors import NumericalError
 from milora.format import manifest as mf
+from milora.format.manifest import read_manifest
 from milora.format.config import MiloraConfig
 from milora.format.tolerances import tolerance
 from milora.runtime import Engine, SamplingParams
@@ -29,11 +32,14 @@ NEAR_TIE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def served(tiny_export, tmp_path_factory):
+def served(tiny_any_export, tmp_path_factory):
+    """Both graph flavours (portable: concat KV and banks gathered in the graph; fused: KV in
+    place and per-batch LoRA inputs)."""
     root = tmp_path_factory.mktemp("iso_prop")
-    model_dir, out_dir = tiny_export
+    model_dir, out_dir = tiny_any_export
+    hidden = read_manifest(out_dir)["base"]["hidden_size"]
     for i, (name, cfg) in enumerate(EXTRA.items()):
-        tenant(40 + i, config=cfg).save_adapter(root / name)
+        tenant(40 + i, builder=functools.partial(tiny_llama, hidden=hidden), config=cfg).save_adapter(root / name)
     engines = []
     for max_batch in (1, 4):
         e = Engine(out_dir, max_batch=max_batch, kv_budget_tokens=4 * 24)

@@ -15,8 +15,8 @@ from runtime_helpers import random_prompts
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_export):
-    return tiny_export
+def exported(tiny_any_export):
+    return tiny_any_export
 
 
 def reference_scores(model_dir, tenant, prompt, options):

@@ -32,6 +32,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-lowering", default=DEFAULT_LOWERING, choices=LOWERINGS,
                    help=f"routed-LoRA lowering for onnxruntime (default {DEFAULT_LOWERING}, chosen by measurement)")
     p.add_argument("--target", default=d.target, choices=list(TARGETS))
+    p.add_argument("--flavour", default=d.flavour, choices=["auto", *mf.FLAVOURS],
+                   help=f"graph flavour (default {d.flavour}: fused where it applies, i.e. onnxruntime target, fp32, "
+                        "head dim a multiple of 16, last-position prefill logits; else portable). fused: "
+                        "onnxruntime's GroupQueryAttention with KV written in place, fused norms and projections; "
+                        "portable: standard ONNX operators only (TensorRT and other runtimes)")
     p.add_argument("--prefill-logits", default=d.prefill_logits, choices=list(mf.LOGITS_POSITIONS),
                    help="prefill logits for the last position only [B,1,V] (default: what serving needs) or "
                         "for every prompt position [B,T,V] (scoring prompts)")
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ExportOptions(dtype=args.dtype, opset=args.opset, slots=args.slots, lora_lowering=args.lora_lowering,
                          target=args.target, validate=args.validate, force=args.force,
                          decode_steps=args.decode_steps, python_op=args.python_op, progress=not args.quiet,
-                         prefill_logits=args.prefill_logits,
+                         prefill_logits=args.prefill_logits, flavour=args.flavour,
                          torch_threads=args.torch_threads)
     manifest = export(args.model_dir, args.out_dir, adapters, opts)
     print(f"exported {len(manifest['tenants'])} tenant(s) to {args.out_dir} in {manifest['export_seconds']} s; "

@@ -49,6 +49,9 @@ class ExportOptions:
     decode_steps: int = 3
     python_op: bool = False  # validate a tensorrt-target graph with the Python op (float32)
     prefill_logits: str = "last"  # "last": prefill logits [B,1,V]; "all": [B,T,V] (manifest.LOGITS_POSITIONS)
+    # Graph flavour (manifest.FLAVOURS): "auto" = fused wherever it applies (onnxruntime target,
+    # float32, head_dim a multiple of 16, last-position prefill logits), else portable.
+    flavour: str = "auto"
     # torch intra-op threads while exporting and validating (None: torch's default). On an
     # oversubscribed machine 1 is much faster: a SmolLM2 forward took 2.0 s with 2 threads
     # and 0.14 s with 1 on the shared 2-core dev box (load ~7).
@@ -70,6 +73,9 @@ class ExportOptions:
         if self.python_op and (self.target != "tensorrt" or self.dtype != "float32"):
             raise ExportError(f"--python-op validates a --target tensorrt float32 export; got target {self.target}, "
                               f"dtype {self.dtype} (drop --python-op, the function body is validated instead)")
+        if self.flavour not in ("auto", *mf.FLAVOURS):
+            raise ExportError(f"--flavour {self.flavour!r} is not supported; expected auto, "
+                              f"{', '.join(mf.FLAVOURS)}")
         if self.prefill_logits not in mf.LOGITS_POSITIONS:
             raise ExportError(f"--prefill-logits {self.prefill_logits!r}; expected one of "
                               f"{', '.join(mf.LOGITS_POSITIONS)}")
@@ -202,6 +208,7 @@ def _export_into(model_dir: Path, tmp: Path, found: dict[str, Path], opts: Expor
                           f"slots (slot 0 is the base model, so at most {slots - 1} tenants); pass --slots "
                           f"{len(tenants) + 1} or more")
     max_rank = max([t.config.rank for t in tenants] or [1])
+    opts = dataclasses.replace(opts, flavour=resolve_flavour(opts, base))
     bar.update()
     manifest = _manifest(model_dir, base, tenants, slots, max_rank, opts)
     (tmp / mf.PACK_DIR).mkdir()
@@ -210,12 +217,17 @@ def _export_into(model_dir: Path, tmp: Path, found: dict[str, Path], opts: Expor
         save_pack(tmp / manifest["tenants"][t.name]["pack"], pack)
     bar.update()
     core = BankModel(hf).eval()
+    fused = None
+    if opts.flavour == mf.FLAVOUR_FUSED:
+        from milora.export.fused_model import FusedCore
+
+        fused = FusedCore(core, base.get("max_position_embeddings")).eval()
     lowering = "tensorrt" if opts.target == "tensorrt" else opts.lora_lowering
     weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
     try:
         for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
             bar.set_postfix_str(f"exporting {graph}")
-            export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering, weights)
+            export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering, weights, fused)
             bar.update()
     finally:
         weights.close()
@@ -235,6 +247,24 @@ def _export_into(model_dir: Path, tmp: Path, found: dict[str, Path], opts: Expor
     bar.update()
     mf.write_manifest(tmp, manifest)
     return mf.read_manifest(tmp)
+
+
+def resolve_flavour(opts: ExportOptions, base: dict[str, Any]) -> str:
+    """The graph flavour of this export: the one asked for, or for "auto" fused wherever it
+    applies. Asking for fused where it cannot apply is an error that says why."""
+    from milora.export.fused_model import check_fusable
+
+    problems = check_fusable(base, opts.dtype)
+    if opts.target != "onnxruntime":
+        problems.append(f"target {opts.target} (the fused flavour uses onnxruntime's own operators)")
+    if opts.prefill_logits != mf.LOGITS_LAST:
+        problems.append(f"--prefill-logits {opts.prefill_logits} (the fused prefill emits the last position)")
+    if opts.flavour == "auto":
+        return mf.FLAVOUR_PORTABLE if problems else mf.FLAVOUR_FUSED
+    if opts.flavour == mf.FLAVOUR_FUSED and problems:
+        raise ExportError(f"--flavour fused does not apply to this export: {'; '.join(problems)}. Fix: pass "
+                          "--flavour portable (or auto, which picks it)")
+    return opts.flavour
 
 
 def run_validation(root: Path, manifest: dict, hf, tenants, opts: ExportOptions) -> dict[str, Any]:
@@ -258,8 +288,8 @@ def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: 
 
     graphs = {}
     for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
-        graphs[graph] = dict(file=file, data_file=mf.WEIGHTS_FILE, **mf.graph_io(graph, base, max_rank, opts.dtype,
-                                                                             opts.prefill_logits))
+        graphs[graph] = dict(file=file, data_file=mf.WEIGHTS_FILE, **mf.graph_io(
+            graph, base, max_rank, opts.dtype, opts.prefill_logits, opts.flavour, lora=opts.lora_lowering != "none"))
     tenant_info = {}
     for slot, t in enumerate(tenants, start=1):
         tenant_info[t.name] = {"slot": slot, "pack": f"{mf.PACK_DIR}/{t.name}.safetensors", "kind": t.kind,
@@ -271,6 +301,7 @@ def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: 
                           "transformers": transformers.__version__, "onnx": onnx.__version__,
                           "onnxruntime": onnxruntime.__version__},
         "base": base, "experts": list(EXPERTS), "dtype": opts.dtype, "opset": opts.opset, "target": opts.target,
+        "flavour": opts.flavour,
         "lora_lowering": "plugin" if opts.target == "tensorrt" else opts.lora_lowering, "max_rank": max_rank,
         "max_top_k": max([t.config.top_k for t in tenants if t.config.routed] or [0]), "slots": slots,
         "option_columns": list(mf.OPTION_COLUMNS),

@@ -24,16 +24,18 @@ from milora.export.shared_weights import SharedWeights  # noqa: F401 - re-export
 
 CONSTANT_FOLDING = True
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_SLOTS = 2, 3, 2, 2
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+EXAMPLE_CAPACITY, EXAMPLE_LORA = 8, 2  # fused decode: KV buffer length; LoRA rows and rank
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 
 
 def example_inputs(io: dict, base: dict) -> tuple[torch.Tensor, ...]:
     """One example tensor per graph input, named axes replaced by example sizes."""
     sizes = {mf.AXIS_BATCH: EXAMPLE_BATCH, mf.AXIS_SEQ: EXAMPLE_SEQ, mf.AXIS_PAST: EXAMPLE_PAST,
-             mf.AXIS_TOTAL: EXAMPLE_PAST + EXAMPLE_SEQ, mf.AXIS_SLOTS: EXAMPLE_SLOTS}
+             mf.AXIS_TOTAL: EXAMPLE_PAST + EXAMPLE_SEQ, mf.AXIS_SLOTS: EXAMPLE_SLOTS, mf.AXIS_CAPACITY: EXAMPLE_CAPACITY}
     out = []
     for spec in io["inputs"]:
-        shape = [sizes.get(d, d) for d in spec["shape"]]
+        # the fused decode graph's per-layer LoRA axes (lora_<l>_<group>_rows / _rank): EXAMPLE_LORA
+        shape = [sizes.get(d, EXAMPLE_LORA if isinstance(d, str) else d) for d in spec["shape"]]
         if spec["name"] == mf.INPUT_IDS:
             t = torch.randint(0, base["vocab_size"], shape)
         elif spec["name"] in (mf.ATTENTION_MASK,):
@@ -42,6 +44,12 @@ def example_inputs(io: dict, base: dict) -> tuple[torch.Tensor, ...]:
             t = torch.arange(shape[0]) % EXAMPLE_SLOTS
         elif spec["name"] == mf.SLOT_OPTIONS:
             t = torch.ones(shape, dtype=torch.int64)
+        elif spec["name"] == mf.SEQLENS_K:
+            t = torch.full(shape, EXAMPLE_PAST + EXAMPLE_SEQ - 1, dtype=torch.int32)
+        elif spec["name"] == mf.TOTAL_SEQUENCE_LENGTH:
+            t = torch.tensor(EXAMPLE_PAST + EXAMPLE_SEQ, dtype=torch.int32)
+        elif spec["name"].endswith(".rows"):  # fused LoRA rows [n, 1]: indices into the batch
+            t = (torch.arange(shape[0]) % EXAMPLE_BATCH)[:, None]
         else:
             t = torch.rand(shape, dtype=TORCH_DTYPES[spec["dtype"]])
         out.append(t)
@@ -65,9 +73,16 @@ def declare_fixed_dims(model: onnx.ModelProto, io: dict) -> None:
 
 
 def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, lowering: str,
-                 weights: SharedWeights) -> None:
-    """Trace one graph, lower its RoutedLora nodes, save it with its weights in the shared file."""
-    module = PrefillGraph(core, io["logits_positions"]) if graph == "prefill" else DecodeGraph(core)
+                 weights: SharedWeights, fused=None) -> None:
+    """Trace one graph, lower its RoutedLora nodes, save it with its weights in the shared file.
+    fused: a FusedCore for the fused flavour (None: the portable graphs)."""
+    if fused is not None:
+        from milora.export.fused_model import FusedDecodeGraph, FusedPrefillGraph
+
+        module = FusedPrefillGraph(fused) if graph == "prefill" else \
+            FusedDecodeGraph(fused, lora=any(i["name"].startswith("lora.") for i in io["inputs"]))
+    else:
+        module = PrefillGraph(core, io["logits_positions"]) if graph == "prefill" else DecodeGraph(core)
     # The tracer may spill weights next to its output (models over 2 GB): trace into a
     # scratch directory of its own and remove it whole.
     scratch = path.parent / f".trace-{graph}"
@@ -77,6 +92,7 @@ def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, 
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, example_inputs(io, core.base), str(raw), dynamo=False, opset_version=opset,
+                              custom_opsets={"com.microsoft": 1},
                               input_names=[s["name"] for s in io["inputs"]],
                               output_names=[s["name"] for s in io["outputs"]], dynamic_axes=dynamic_axes(io),
                               do_constant_folding=CONSTANT_FOLDING)
@@ -84,6 +100,10 @@ def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     lower(model, lowering, core.base["num_layers"])
+    if fused is not None:
+        from milora.export.fused_ops import packed_qkv
+
+        packed_qkv(model.graph)
     declare_fixed_dims(model, io)
     weights.externalize(model, graph)
     onnx.save(model, str(path))

@@ -160,6 +160,8 @@ def sessions(root: Path, manifest: dict[str, Any], python_op: bool = False) -> d
 
 def run_graphs(root: Path, manifest: dict[str, Any], rows: list[Row], sess: dict[str, Any]) -> dict[str, Any]:
     """Prefill the rows as one left-padded batch, then decode len(rows[0].decode) steps."""
+    if manifest.get("flavour") == mf.FLAVOUR_FUSED:
+        return run_fused_graphs(root, manifest, rows, sess)
     slots = default_slots(manifest)
     banks = assemble_banks(root, manifest, slots)
     slot_of = {name: s for s, name in enumerate(slots) if name is not None}
@@ -184,6 +186,65 @@ def run_graphs(root: Path, manifest: dict[str, Any], rows: list[Row], sess: dict
         res["decode"].append(past)
     res["final_mask"] = mask
     return res
+
+
+def run_fused_graphs(root: Path, manifest: dict[str, Any], rows: list[Row], sess: dict[str, Any]) -> dict[str, Any]:
+    """The fused flavour: prefill right-padded, decode with per-row lengths in KV buffers and
+    per-batch LoRA inputs (format/lora_batch.py). The results are laid out as run_graphs lays
+    out the portable ones (KV and mask left-padded), so compare() reads both alike."""
+    from milora.format import lora_batch
+
+    slots = default_slots(manifest)
+    banks = assemble_banks(root, manifest, slots)
+    slot_of = {name: s for s, name in enumerate(slots) if name is not None}
+    base, b = manifest["base"], len(rows)
+    nl, steps = base["num_layers"], len(rows[0].decode)
+    lens = np.array([len(r.prompt) for r in rows])
+    t = int(lens.max())
+    ids = np.full((b, t), PAD_ID, np.int64)
+    right = np.zeros((b, t), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r.prompt)], right[i, :len(r.prompt)] = r.prompt, 1
+    tenant_slots = np.array([0 if r.tenant is None else slot_of[r.tenant] for r in rows], np.int64)
+    out = _run(sess["prefill"], {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: right, mf.TENANT_SLOTS: tenant_slots},
+               banks, "prefill")
+    kv_names = [n for l in range(nl) for n in (mf.present_key(l), mf.present_value(l))]
+    cap = t + steps
+    bufs = {}
+    for n in kv_names:  # [B, Hkv, cap, D]: each row's prompt KV at 0..len-1
+        bufs[n] = np.zeros((b, base["num_kv_heads"], cap, base["head_dim"]), out[n].dtype)
+        bufs[n][:, :, :t] = out[n]
+    prefill = dict(out, **{n: _left(out[n], lens, t) for n in kv_names})
+    res = {"mask": _left_mask(lens, t), "prefill": prefill, "decode": []}
+    decode_inputs = {i.name for i in sess["decode"].get_inputs()}
+    lora = lora_batch.build(banks, tenant_slots, out[mf.GATES], base, manifest["max_rank"], manifest["dtype"])
+    lora = {k: v for k, v in lora.items() if k in decode_inputs}
+    for step in range(steps):
+        cur = lens + step  # tokens each row holds before this step
+        feeds = {mf.INPUT_IDS: np.array([[r.decode[step]] for r in rows], np.int64),
+                 mf.SEQLENS_K: cur.astype(np.int32), mf.TOTAL_SEQUENCE_LENGTH: np.array(cur.max() + 1, np.int32),
+                 **lora}
+        for l in range(nl):
+            feeds[mf.past_key(l)], feeds[mf.past_value(l)] = bufs[mf.present_key(l)], bufs[mf.present_value(l)]
+        names = [o.name for o in sess["decode"].get_outputs()]
+        step_out = dict(zip(names, sess["decode"].run(names, feeds)))
+        bufs = {n: step_out[n] for n in kv_names}
+        res["decode"].append(dict(step_out, **{n: _left(step_out[n], cur + 1, t + step + 1) for n in kv_names}))
+    res["final_mask"] = _left_mask(lens + steps, t + steps)
+    return res
+
+
+def _left(kv: np.ndarray, lens: np.ndarray, width: int) -> np.ndarray:
+    """Right-aligned-by-row copy of per-row KV [B, Hkv, >= len, D] (row b's first lens[b] positions),
+    left-padded to width: the portable layout."""
+    out = np.zeros((kv.shape[0], kv.shape[1], width, kv.shape[3]), kv.dtype)
+    for i, n in enumerate(lens):
+        out[i, :, width - n:] = kv[i, :, :n]
+    return out
+
+
+def _left_mask(lens: np.ndarray, width: int) -> np.ndarray:
+    return (np.arange(width)[None, :] >= (width - lens)[:, None]).astype(np.int64)
 
 
 def _run(session, feeds: dict[str, np.ndarray], banks: dict[str, np.ndarray], graph: str) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from milora.format.contract import EXPERTS, NUM_EXPERTS
 from milora.errors import ManifestError
 
 MANIFEST_FORMAT = "milora-export"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: graph flavours (portable, fused)
 MANIFEST_FILE = "manifest.json"
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
@@ -53,6 +53,42 @@ ATTENTION_MASK = "attention_mask"
 TENANT_SLOTS = "tenant_slots"
 GATES = "gates"
 LOGITS = "logits"
+# Fused flavour (KV written in place per row): seqlens_k[b] = row b's tokens after the call - 1,
+# total_sequence_length = the longest row's tokens after the call.
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+
+# Graph flavours. portable: standard ONNX ops, concat KV, left padding (any runtime, the
+# TensorRT target). fused: onnxruntime's fused operators (GroupQueryAttention with rotary
+# inside and KV updated in place, SkipSimplifiedLayerNormalization, packed QKV and gate/up
+# projections), right padding, and a decode graph fed per-batch LoRA inputs (lora_batch.py).
+FLAVOUR_PORTABLE, FLAVOUR_FUSED = "portable", "fused"
+FLAVOURS = (FLAVOUR_PORTABLE, FLAVOUR_FUSED)
+# onnxruntime's GroupQueryAttention needs a head dim that is a multiple of this.
+FUSED_HEAD_DIM_MULTIPLE = 16
+
+# LoRA groups of the fused graphs: where an update is added to a (packed) projection.
+LORA_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)), ("gate_up", ("gate_proj", "up_proj")),
+    ("down", ("down_proj",)))
+
+
+def lora_group_layout(base: dict[str, Any]) -> dict[str, tuple[int, int, dict[str, tuple[int, int]]]]:
+    """group -> (d_in, d_out, {module: (first output column, width)}) of the packed projection."""
+    dims = module_dims(base)
+    out = {}
+    for g, modules in LORA_GROUPS:
+        cols, at = {}, 0
+        for m in modules:
+            cols[m] = (at, dims[m][1])
+            at += dims[m][1]
+        out[g] = (dims[modules[0]][0], at, cols)
+    return out
+
+
+def lora_inputs(layer: int, group: str) -> tuple[str, str, str]:
+    """(rows, A, B): the fused decode graph's per-batch LoRA inputs of one layer and group."""
+    return tuple(f"lora.{layer}.{group}.{part}" for part in ("rows", "A", "B"))  # type: ignore[return-value]
 
 # Which positions a graph's logits cover, recorded per graph as "logits_positions". Prefill
 # emits the last position by default: serving samples from it alone, and the LM head over
@@ -134,14 +170,20 @@ def bank_names(graph: str) -> list[str]:
 
 # Dynamic axis names, shared by both graphs and the manifest.
 AXIS_BATCH, AXIS_SEQ, AXIS_PAST, AXIS_TOTAL, AXIS_SLOTS = "batch", "sequence", "past_sequence", "total_sequence", "slots"
+AXIS_CAPACITY = "kv_capacity"  # fused flavour: the KV buffer's length
 
 
 def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str,
-             prefill_logits: str = LOGITS_LAST) -> dict[str, Any]:
+             prefill_logits: str = LOGITS_LAST, flavour: str = FLAVOUR_PORTABLE, lora: bool = True) -> dict[str, Any]:
     """{'inputs': [...], 'outputs': [...], 'logits_positions': 'last' | 'all'}; inputs and
-    outputs each {name, shape (ints or axis names), dtype}. prefill_logits applies to prefill."""
+    outputs each {name, shape (ints or axis names), dtype}. prefill_logits applies to prefill.
+    lora False (an export without tenants): the fused decode graph has no LoRA inputs."""
     if prefill_logits not in LOGITS_POSITIONS:
         raise ValueError(f"prefill_logits={prefill_logits!r}; expected one of {LOGITS_POSITIONS}")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour={flavour!r}; expected one of {FLAVOURS}")
+    if flavour == FLAVOUR_FUSED and graph == "decode":
+        return _fused_decode_io(base, dtype, lora)
     nl, hkv, hd, v = base["num_layers"], base["num_kv_heads"], base["head_dim"], base["vocab_size"]
     b, t = AXIS_BATCH, AXIS_SEQ
     kv_len = t if graph == "prefill" else AXIS_TOTAL
@@ -167,10 +209,38 @@ def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str,
     return {"inputs": inputs, "outputs": outputs, "logits_positions": positions}
 
 
+def _fused_decode_io(base: dict[str, Any], dtype: str, lora: bool) -> dict[str, Any]:
+    """The fused decode graph: KV buffers [B, Hkv, capacity, D] updated in place (present is
+    the past buffer), per-row lengths, per-batch LoRA inputs (lora_batch.py); no banks, no
+    gates, no mask: routing and tenants are already in the LoRA inputs."""
+    nl, hkv, hd, v = base["num_layers"], base["num_kv_heads"], base["head_dim"], base["vocab_size"]
+    b, t = AXIS_BATCH, AXIS_SEQ
+    inputs = [{"name": INPUT_IDS, "shape": [b, t], "dtype": "int64"},
+              {"name": SEQLENS_K, "shape": [b], "dtype": "int32"},
+              {"name": TOTAL_SEQUENCE_LENGTH, "shape": [], "dtype": "int32"}]
+    for i in range(nl):
+        for name in (past_key(i), past_value(i)):
+            inputs.append({"name": name, "shape": [b, hkv, AXIS_CAPACITY, hd], "dtype": dtype})
+    layout = lora_group_layout(base)
+    for l in range(nl if lora else 0):
+        for g, _ in LORA_GROUPS:
+            d_in, d_out, _ = layout[g]
+            rows, a, bb = lora_inputs(l, g)
+            n, r = f"lora_{l}_{g}_rows", f"lora_{l}_{g}_rank"
+            inputs += [{"name": rows, "shape": [n, 1], "dtype": "int64"},
+                       {"name": a, "shape": [n, d_in, r], "dtype": dtype},
+                       {"name": bb, "shape": [n, r, d_out], "dtype": dtype}]
+    outputs = [{"name": LOGITS, "shape": [b, t, v], "dtype": dtype}]
+    for i in range(nl):
+        for name in (present_key(i), present_value(i)):
+            outputs.append({"name": name, "shape": [b, hkv, AXIS_CAPACITY, hd], "dtype": dtype})
+    return {"inputs": inputs, "outputs": outputs, "logits_positions": LOGITS_ALL}
+
+
 # ---- manifest.json ----
 # Top-level keys, in the order they are written. A runtime reads these and nothing else.
 MANIFEST_KEYS = ("format", "format_version", "tool_versions", "base", "experts", "dtype", "opset", "target",
-                 "lora_lowering", "max_rank", "max_top_k", "slots", "option_columns", "option_codes",
+                 "flavour", "lora_lowering", "max_rank", "max_top_k", "slots", "option_columns", "option_codes",
                  "graphs", "banks", "tenants", "source", "validation", "export_seconds", "files")
 # Written only by milora-quantize (milora/calibration), after "files": {precision, options,
 # what stayed in high precision, calibration coverage, the agreement with the source export}.
@@ -229,10 +299,10 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
-_DTYPES = ("float32", "float16", "int64")
+_DTYPES = tuple(NP_DTYPES)
 # Weights in the shared data file may also be quantized (milora-quantize): int8 / uint8 data and
 # zero points, int32 biases (shared_weights.TABLE_DTYPES lists what a table may name).
-_WEIGHT_DTYPES = _DTYPES + ("int32", "int8", "uint8")
+_WEIGHT_DTYPES = _DTYPES + ("int8", "uint8")
 
 
 def _is_int(v: Any, low: int = 0) -> bool:
@@ -256,6 +326,8 @@ def _schema_problem(m: dict[str, Any]) -> str | None:
         return f"base.max_position_embeddings={base['max_position_embeddings']!r}; expected a positive integer"
     if m["dtype"] not in ("float32", "float16"):
         return f"dtype={m['dtype']!r}; expected float32 or float16"
+    if m["flavour"] not in FLAVOURS:
+        return f"flavour={m['flavour']!r}; expected one of {', '.join(FLAVOURS)}"
     if not _is_int(m["slots"], 1) or not _is_int(m["max_rank"], 1):
         return f"slots={m['slots']!r}, max_rank={m['max_rank']!r}; expected positive integers"
     if not isinstance(m["experts"], list) or not all(isinstance(e, str) for e in m["experts"]):

@@ -28,7 +28,7 @@ from milora.errors import CapacityError, MiloraError, NumericalError, OverloadEr
 from milora.runtime.bundle import Bundle
 from milora.runtime.detokenize import IncrementalDetokenizer
 from milora.runtime.backend import Backend, KVState
-from milora.runtime.ort_backend import OrtBackend
+from milora.runtime.ort_backend import open_backend
 from milora.runtime.sampling import Sampler, SamplingParams, find_stop, token_logprobs
 from milora.runtime.tenants import TenantRegistry
 
@@ -99,7 +99,7 @@ class Engine:
                  share_weights: bool = False, max_queue: int = DEFAULT_MAX_QUEUE,
                  backend: Backend | Callable[[Bundle], Backend] | None = None):
         """backend: a Backend (milora.runtime.backend) or a factory called with the opened Bundle;
-        default OrtBackend(providers, threads, share_weights). share_weights: map the export's one
+        default: onnxruntime for the export's graph flavour (OrtBackend, FusedOrtBackend). share_weights: map the export's one
         weights file once for both graphs (about 40% less memory, for small devices; slower
         decode on CPU because weights are not prepacked).
         max_queue: requests waiting for admission beyond this are refused (OverloadError)."""
@@ -112,8 +112,8 @@ class Engine:
         self.bundle = Bundle.open(out_dir, verify=verify)
         m = self.bundle.manifest
         if backend is None:
-            backend = OrtBackend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id,
-                                 share_weights=share_weights)
+            backend = open_backend(self.bundle.root, m, providers, threads, self.bundle.pad_token_id,
+                                   share_weights=share_weights)
         elif not isinstance(backend, Backend) and callable(backend):
             backend = backend(self.bundle)
         if not isinstance(backend, Backend):

@@ -236,3 +236,13 @@ def _left_pad(x: np.ndarray, length: int, axis: int = 1) -> np.ndarray:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (pad, 0)
     return np.pad(x, widths)
+
+
+def open_backend(root, manifest: dict[str, Any], providers: Sequence[str] | None = None, threads: int | None = None,
+                 pad_token_id: int = 0, share_weights: bool = False) -> OrtBackend:
+    """The onnxruntime backend for an export's graph flavour (manifest "flavour")."""
+    if manifest.get("flavour") == mf.FLAVOUR_FUSED:
+        from milora.runtime.fused_backend import FusedOrtBackend
+
+        return FusedOrtBackend(root, manifest, providers, threads, pad_token_id, share_weights=share_weights)
+    return OrtBackend(root, manifest, providers, threads, pad_token_id, share_weights=share_weights)

@@ -1,0 +1,212 @@
+"""The Backend of the fused graph flavour on onnxruntime (docs/export.md, "Graph flavours").
+
+Shape legend: B running rows, T new tokens, M KV capacity, L layers, Hkv KV heads, D head dim,
+V vocab.
+
+KV lives in one buffer per layer and K/V, [B, Hkv, M, D], row b's tokens at 0..len[b]-1.
+GroupQueryAttention writes each step's K/V into that buffer in place: the decode graph's past
+and present are bound to the same memory, so no step copies the cache (the portable graphs'
+present = concat(past, new) copies all of it every step). Rows of any lengths share a batch:
+the graph gets each row's length (seqlens_k), no mask. The buffer is copied only when the
+batch's membership changes or when the longest row reaches M (then M doubles).
+
+Per-batch LoRA inputs (format/lora_batch.py) are built and bound in bind_rows, once per
+membership change; the decode graph reads no banks and no gates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from milora.errors import RequestError
+from milora.format import lora_batch
+from milora.format import manifest as mf
+from milora.runtime.ort_backend import OrtBackend
+
+CAPACITY_STEP = 64  # KV buffers are sized in multiples of this many positions
+
+
+@dataclass
+class FusedKV:
+    """KV of the rows in row order: per layer k and v [B, Hkv, M, D] (host arrays; on CPU the
+    OrtValues bound to the graph share them) and each row's length."""
+
+    lengths: np.ndarray  # [B] int64
+    k: list[np.ndarray]
+    v: list[np.ndarray]
+    values: list[Any] | None = None  # OrtValues over k and v, interleaved per layer (made on first use)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.shape[0]) * self.capacity
+
+
+@dataclass
+class FusedRows:
+    """bind_rows' result: the running rows' per-batch LoRA inputs (OrtValues keep them alive)."""
+
+    count: int
+    values: dict[str, Any]
+
+
+def _round_up(n: int) -> int:
+    return max(CAPACITY_STEP, -(-n // CAPACITY_STEP) * CAPACITY_STEP)
+
+
+class FusedOrtBackend(OrtBackend):
+    """OrtBackend's sessions, banks and slots; prefill right-padded, decode in place."""
+
+    def __init__(self, root, manifest: dict[str, Any], *args, **kwargs):
+        super().__init__(root, manifest, *args, **kwargs)
+        base = manifest["base"]
+        self.kv_shape = (base["num_kv_heads"], base["head_dim"])
+        self._decode_inputs = {i["name"] for i in manifest["graphs"]["decode"]["inputs"]}
+        self._bound_rows: FusedRows | None = None
+        self._bound_kv: FusedKV | None = None
+        # Logits are bound first, so they stay the binding's first output when KV is rebound.
+        self._bindings["decode"].bind_output(mf.LOGITS, self.device)
+
+    # ---- prefill ----
+
+    def prefill(self, prompts: list[list[int]], slots) -> tuple[np.ndarray, np.ndarray, FusedKV]:
+        """Right-padded prefill -> (logits [b, V] at each row's last token, gates [b, L, 7], KV)."""
+        slots = self.check_slots(slots)
+        if len(slots) != len(prompts) or not all(len(p) for p in prompts):
+            raise RequestError(f"prefill needs one slot per prompt and no empty prompt; got {len(prompts)} prompts "
+                               f"(lengths {[len(p) for p in prompts][:8]}) and {len(slots)} slots")
+        lengths = np.array([len(p) for p in prompts], np.int64)
+        t = int(lengths.max())
+        ids = np.full((len(prompts), t), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), t), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)], mask[i, :len(p)] = p, 1
+        out = self._run("prefill", {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots},
+                        [mf.LOGITS, mf.GATES, *self.present_names])
+        logits = out[0].numpy()[:, -1, :].astype(np.float32)  # [b, V]
+        gates = out[1].numpy().copy()  # [b, L, 7]
+        present = [o.numpy() for o in out[2:]]
+        return logits, gates, FusedKV(lengths, present[0::2], present[1::2])
+
+    # ---- rows ----
+
+    def bind_rows(self, slots: np.ndarray, gates: np.ndarray) -> FusedRows:
+        """Build the per-batch LoRA inputs of these rows and bind them to the decode graph."""
+        slots = self.check_slots(slots)
+        m = self.manifest
+        arrays = lora_batch.build(self.banks, slots, gates, m["base"], m["max_rank"], m["dtype"]) \
+            if any(n.startswith("lora.") for n in self._decode_inputs) else {}
+        rows = FusedRows(len(slots), {n: self.ort.OrtValue.ortvalue_from_numpy(a, self.device) for n, a in arrays.items()})
+        self._bind_lora(rows)
+        return rows
+
+    def _bind_lora(self, rows: FusedRows) -> None:
+        binding = self._bindings["decode"]
+        for name, value in rows.values.items():
+            binding.bind_ortvalue_input(name, value)
+        self._bound_rows = rows
+
+    # ---- decode ----
+
+    def decode(self, ids: np.ndarray, kv: FusedKV, rows: FusedRows) -> np.ndarray:
+        """One token per row: ids [B] -> logits [B, V]; KV written in place, lengths + 1."""
+        return self._step(ids.reshape(-1, 1), kv, rows)[:, -1, :]
+
+    def extend(self, ids: np.ndarray, new_mask: np.ndarray, kv: FusedKV, rows: FusedRows) -> np.ndarray:
+        """T tokens per row -> logits [B, T, V]. onnxruntime's GroupQueryAttention takes several
+        new tokens with a past for one row at a time, so a batch runs them token by token (rows
+        past their own end read their padding, which nothing uses)."""
+        ids = np.asarray(ids, np.int64)
+        if ids.shape[0] == 1 or ids.shape[1] == 1:
+            return self._step(ids, kv, rows)
+        return np.concatenate([self._step(ids[:, t:t + 1], kv, rows) for t in range(ids.shape[1])], axis=1)
+
+    def _step(self, ids: np.ndarray, kv: FusedKV, rows: FusedRows) -> np.ndarray:
+        if not isinstance(rows, FusedRows) or rows.count != ids.shape[0] or len(kv.lengths) != ids.shape[0]:
+            raise RequestError(f"rows must come from bind_rows for the same {ids.shape[0]} rows as the KV "
+                               f"({len(kv.lengths)}), got {type(rows).__name__}")
+        t = ids.shape[1]
+        if int(kv.lengths.max()) + t > kv.capacity:
+            self._grow(kv, int(kv.lengths.max()) + t)
+        if rows is not self._bound_rows:
+            self._bind_lora(rows)
+        binding = self._bindings["decode"]
+        if kv is not self._bound_kv or kv.values is None:
+            if kv.values is None:
+                kv.values = [self.ort.OrtValue.ortvalue_from_numpy(a, self.device)
+                             for pair in zip(kv.k, kv.v) for a in pair]
+            for past, present, value in zip(self.past_names, self.present_names, kv.values):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)  # the same memory: updated in place
+            self._bound_kv = kv
+        ends = kv.lengths + t  # tokens per row after this call
+        for name, value in ((mf.INPUT_IDS, ids), (mf.SEQLENS_K, (ends - 1).astype(np.int32)),
+                            (mf.TOTAL_SEQUENCE_LENGTH, np.array(ends.max(), np.int32))):
+            binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value),
+                                                                                      self.device))
+        binding.bind_output(mf.LOGITS, self.device)
+        self.sessions["decode"].run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+        kv.lengths = ends
+        if self.device != "cpu":  # the host arrays are the truth between membership changes
+            self._pull(kv)
+        return logits
+
+    # ---- KV (host copies only when membership changes or a buffer fills) ----
+
+    def _alloc(self, rows: int, capacity: int) -> list[np.ndarray]:
+        return [np.zeros((rows, *self.kv_shape[:1], capacity, self.kv_shape[1]), self.dtype)
+                for _ in range(self.num_layers)]
+
+    def _grow(self, kv: FusedKV, needed: int) -> None:
+        cap = _round_up(max(needed, 2 * kv.capacity))
+        for buffers in (kv.k, kv.v):
+            for i, old in enumerate(buffers):
+                new = np.zeros((*old.shape[:2], cap, old.shape[3]), old.dtype)
+                new[:, :, :old.shape[2]] = old
+                buffers[i] = new
+        kv.values = None
+
+    def _pull(self, kv: FusedKV) -> None:
+        for i, value in enumerate(kv.values or []):
+            (kv.k if i % 2 == 0 else kv.v)[i // 2][...] = value.numpy()
+
+    def empty_kv(self) -> FusedKV:
+        return FusedKV(np.zeros(0, np.int64), self._alloc(0, 0), self._alloc(0, 0))
+
+    def _gather(self, parts: list[tuple[FusedKV, list[int]]], capacity: int) -> FusedKV:
+        """Rows taken from several KV states, in order, into fresh buffers of this capacity."""
+        lengths = np.concatenate([kv.lengths[rows] for kv, rows in parts]) if parts else np.zeros(0, np.int64)
+        out = FusedKV(lengths.astype(np.int64), self._alloc(len(lengths), capacity), self._alloc(len(lengths), capacity))
+        at = 0
+        for kv, rows in parts:
+            for r in rows:
+                n = int(kv.lengths[r])
+                for layer in range(self.num_layers):
+                    out.k[layer][at, :, :n] = kv.k[layer][r, :, :n]
+                    out.v[layer][at, :, :n] = kv.v[layer][r, :, :n]
+                at += 1
+        return out
+
+    def merge(self, a: FusedKV, b: FusedKV) -> FusedKV:
+        longest = int(max(a.lengths.max(initial=0), b.lengths.max(initial=0)))
+        return self._gather([(a, list(range(len(a.lengths)))), (b, list(range(len(b.lengths))))],
+                            _round_up(longest + 1))
+
+    def keep_rows(self, kv: FusedKV, rows: list[int]) -> FusedKV:
+        longest = int(kv.lengths[rows].max()) if rows else 0
+        return self._gather([(kv, list(rows))], _round_up(longest + 1) if rows else 0)
+
+    def repeat_rows(self, kv: FusedKV, n: int) -> FusedKV:
+        rows = [r for r in range(len(kv.lengths)) for _ in range(n)]
+        return self._gather([(kv, rows)], _round_up(int(kv.lengths.max(initial=0)) + 1))
+
+    def close(self) -> None:
+        self._bound_rows = self._bound_kv = None
+        super().close()
