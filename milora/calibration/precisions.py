@@ -61,14 +61,42 @@ def _load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
+# Ops kept float32 beyond onnxruntime's default block list: ScatterND with reduction "add" (the
+# fused decode's per-row LoRA update) has no float16 CPU kernel, and GroupQueryAttention stays
+# float32 so that the KV cache does too (the runtime writes it in place, float32 buffers).
+FP16_BLOCKED_OPS = ("ScatterND", "GroupQueryAttention")
+
+
+def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    with _quiet():
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        except Exception:  # noqa: BLE001 - fall back to onnx's own inference (enough for the portable graphs)
+            return onnx.shape_inference.infer_shapes(model)
+
+
 def to_fp16(model: onnx.ModelProto, plan: Plan, keep_float32: list[str]) -> onnx.ModelProto:
     """float16 everywhere but the routers and the IO names in keep_float32."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    # Only ops of the main graph: the converter renames a blocked node's output inside an If
+    # branch and leaves the branch's output name dangling (the portable graphs' LoRA lowerings).
+    top = {n.op_type for n in model.graph.node}
+    blocked = [op for op in FP16_BLOCKED_OPS if op in top]
+    # Constant nodes that feed a blocked op (GroupQueryAttention's cos / sin caches) stay float32 too.
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = {producer[x].name for n in model.graph.node if n.op_type in blocked for x in n.input
+              if x in producer and producer[x].op_type == "Constant"}
+    # The converter casts around a blocked node only where it knows the tensors' types: onnx's
+    # shape inference stops at onnxruntime's contrib ops (the fused graphs), so onnxruntime's
+    # symbolic shape inference, which knows them, types the graph first.
+    model = _typed(model)
     with _quiet():
-        return convert_float_to_float16(model, keep_io_types=list(keep_float32), disable_shape_infer=False,
-                                        node_block_list=sorted(plan.router_nodes),
-                                        op_block_list=list(DEFAULT_OP_BLOCK_LIST))
+        return convert_float_to_float16(model, keep_io_types=list(keep_float32), disable_shape_infer=True,
+                                        node_block_list=sorted(plan.router_nodes | consts),
+                                        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + blocked)
 
 
 def int8_dynamic(model: onnx.ModelProto, plan: Plan, opts: Any, scratch_root: Path) -> onnx.ModelProto:
@@ -79,7 +107,9 @@ def int8_dynamic(model: onnx.ModelProto, plan: Plan, opts: Any, scratch_root: Pa
         quantize_dynamic(model, tmp / "q.onnx", op_types_to_quantize=ops, per_channel=opts.per_channel,
                          reduce_range=opts.reduce_range, weight_type=QuantType.QInt8,
                          nodes_to_quantize=plan.weight_matmuls + plan.embedding,
-                         extra_options={"MatMulConstBOnly": True, "EnableSubgraph": False})
+                         extra_options={"MatMulConstBOnly": True, "EnableSubgraph": False,
+                                        # the fused graphs' contrib ops stop onnx's type inference
+                                        "DefaultTensorType": onnx.TensorProto.FLOAT})
         return _load(tmp / "q.onnx")
 
 
@@ -114,6 +144,7 @@ def qdq_static(model: onnx.ModelProto, plan: Plan, opts: Any, reader, scratch_ro
     # (No CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMax calibrator drops the batches it
     # collected when that limit is reached; MinMax keeps only per-batch min / max anyway.)
     extra = {"MatMulConstBOnly": True, "EnableSubgraph": False, "WeightSymmetric": True,
+             "DefaultTensorType": onnx.TensorProto.FLOAT,
              "ActivationSymmetric": tensorrt or fp8,
              "DedicatedQDQPair": False,
              # Q/DQ on the MatMul inputs only: quantized outputs would round the logits and the
