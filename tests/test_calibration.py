@@ -186,3 +186,32 @@ def test_routing_aware_selection_covers_every_path():
     assert chosen["a"] == [1, 2]  # the greedy cover takes the widest candidate first
     more = calibrate.select_routing_aware(cands, budget=6)
     assert sum(len(v) for v in more.values()) == 6
+
+
+@pytest.mark.parametrize("precision", ["int8-static", "fp8"])
+def test_tensorrt_qdq_graphs(tiny_export, tmp_path, precision):
+    """--target tensorrt: explicit quantization as TensorRT takes it: Q/DQ pairs, symmetric
+    (zero points 0), int8 or float8 e4m3 (opset >= 19), weights per output channel, no quantized
+    Gather; onnxruntime still runs them (simulated quantization), so the report is computed."""
+    _, out_dir = tiny_export
+    m = quantize(out_dir, tmp_path / "q", precision=precision, target="tensorrt", force_agreement=True, **FAST)
+    want = onnx.TensorProto.INT8 if precision == "int8-static" else onnx.TensorProto.FLOAT8E4M3FN
+    for g in ("prefill", "decode"):
+        model, _ = _graph(tmp_path / "q", g)
+        inits = {t.name: t for t in model.graph.initializer}
+        q_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        dq_nodes = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert q_nodes and dq_nodes
+        for n in q_nodes + dq_nodes:
+            zp = onnx.numpy_helper.to_array(inits[n.input[2]]) if n.input[2] in inits else None
+            assert zp is not None and inits[n.input[2]].data_type == want
+            assert not np.any(zp.astype(np.float32)), n.name
+        weight_dq = [n for n in dq_nodes if n.input[0] in inits]
+        assert weight_dq and all(len(inits[n.input[1]].dims) == 1 for n in weight_dq)  # per channel
+        assert not any(n.op_type == "Gather" and n.input[0] not in inits and n.input[0].endswith("DequantizeLinear_Output")
+                       for n in model.graph.node)
+        if precision == "fp8":
+            assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    q = m[mf.QUANTIZATION_KEY]
+    assert q["target"] == "tensorrt" and q["agreement"]["routing_agreement_min"] is not None
+    assert "embedding" in q["high_precision"]

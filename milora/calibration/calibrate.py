@@ -192,7 +192,9 @@ def select_routing_aware(paths: dict[str, list[set]], budget: int) -> dict[str, 
     return chosen
 
 
-def calibration_set(out_dir: Path, manifest: dict[str, Any], opts) -> CalibrationSet:
+def calibration_set(out_dir: Path, manifest: dict[str, Any], opts, uniform: bool = False) -> CalibrationSet:
+    """uniform: every batch the same shape (CALIB_BATCH rows, padded to the longest prompt):
+    onnxruntime's Distribution calibrator (fp8) stacks the batches it collects."""
     tenants = sorted(manifest["tenants"])
     if not tenants:
         raise QuantizeError(f"{out_dir} serves no tenant; routing-aware calibration needs at least one. Fix: export "
@@ -226,10 +228,15 @@ def calibration_set(out_dir: Path, manifest: dict[str, Any], opts) -> Calibratio
         for t in tenants:
             if queues[t]:
                 rows.append((t, queues[t].pop(0)))
+    if uniform and rows:
+        while len(rows) % CALIB_BATCH:
+            rows.append(rows[len(rows) % len(rows)])
+    longest = max(len(p) for _, p in rows) if uniform and rows else None
     cs = CalibrationSet(inputs={g: {i["name"] for i in manifest["graphs"][g]["inputs"]} for g in ("prefill", "decode")})
     for s in range(0, len(rows), CALIB_BATCH):
         chunk = rows[s:s + CALIB_BATCH]
-        b = fd.prefill_feeds(manifest, [p for _, p in chunk], [manifest["tenants"][t]["slot"] for t, _ in chunk], banks)
+        b = fd.prefill_feeds(manifest, [p for _, p in chunk], [manifest["tenants"][t]["slot"] for t, _ in chunk], banks,
+                             length=longest)
         cs.prefill.append(b.feeds)
         out = fd.run(prefill, b.feeds)
         last = fd.last_logits(manifest, out[mf.LOGITS], b.lens)
@@ -244,9 +251,24 @@ def calibration_set(out_dir: Path, manifest: dict[str, Any], opts) -> Calibratio
                                      lambda k, _l=logits: _l[k].argmax(axis=-1), step):
             # the step's own arrays are copied (KV buffers are reused); the banks are shared
             cs.decode.append({k: v if k in banks else np.array(v, copy=True) for k, v in feeds.items()})
+    if uniform and cs.decode and not fd.is_fused(manifest):
+        _left_pad_decode(cs.decode, manifest["base"]["num_layers"])
     cs.coverage = {"source": opts.calibration or "random token prompts", "samples": len(rows),
                    "prefill_batches": len(cs.prefill), "decode_steps": len(cs.decode),
                    "paths_used": {t: len(used[t]) for t in tenants},
                    "paths_covered": {t: len(covered[t]) for t in tenants},
                    "per_tenant": {t: len(chosen[t]) for t in tenants}}
     return cs
+
+
+def _left_pad_decode(feeds: list[dict[str, np.ndarray]], num_layers: int) -> None:
+    """Portable decode feeds padded on the left to one past length (the mask hides the padding):
+    every attention tensor then has one shape across steps."""
+    names = [n for l in range(num_layers) for n in (mf.past_key(l), mf.past_value(l))]
+    longest = max(f[names[0]].shape[2] for f in feeds)
+    for f in feeds:
+        pad = longest - f[names[0]].shape[2]
+        if pad:
+            for n in names:
+                f[n] = np.pad(f[n], ((0, 0), (0, 0), (pad, 0), (0, 0)))
+            f[mf.ATTENTION_MASK] = np.pad(f[mf.ATTENTION_MASK], ((0, 0), (pad, 0)))

@@ -52,10 +52,11 @@ class Batch:
 
 
 def prefill_feeds(manifest: dict[str, Any], prompts: list[list[int]], slots: list[int], banks: dict[str, np.ndarray],
-                  pad_id: int = 0) -> Batch:
-    """The prefill graph's feeds for these prompts (one tenant slot each)."""
+                  pad_id: int = 0, length: int | None = None) -> Batch:
+    """The prefill graph's feeds for these prompts (one tenant slot each), padded to the
+    longest prompt or to `length`."""
     b, lens = len(prompts), np.array([len(p) for p in prompts], np.int64)
-    t = int(lens.max())
+    t = max(int(lens.max()), length or 0)
     ids = np.full((b, t), pad_id, np.int64)
     mask = np.zeros((b, t), np.int64)
     for i, p in enumerate(prompts):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,8 +52,9 @@ def _quiet():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
-    try:
-        yield
+    try:  # the Distribution calibrator prints its progress to stdout
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            yield
     finally:
         root.setLevel(level)
 
@@ -152,11 +154,14 @@ def qdq_static(model: onnx.ModelProto, plan: Plan, opts: Any, reader, scratch_ro
              "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Gather"]}
     if opts.calib_method == "percentile":
         extra["CalibPercentile"] = opts.percentile
+    method = methods[opts.calib_method]
+    if fp8:  # onnxruntime calibrates float8 scales with its Distribution method only
+        method = CalibrationMethod.Distribution
     with _scratch(scratch_root) as tmp, _quiet():
         quantize_static(model, tmp / "q.onnx", reader, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul", "Gemm"] + (["Gather"] if embed else []),
                         per_channel=opts.per_channel, reduce_range=False, activation_type=act, weight_type=weight,
-                        nodes_to_quantize=targets, calibrate_method=methods[opts.calib_method],
+                        nodes_to_quantize=targets, calibrate_method=method,
                         extra_options=extra)
         out = _load(tmp / "q.onnx")
     _unquantize_other_consumers(out, set(targets))

@@ -202,7 +202,7 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
             from milora.calibration.calibrate import calibration_set
 
             bar.set_postfix_str("calibrating")
-            calib = calibration_set(out_dir, src, opts)
+            calib = calibration_set(out_dir, src, opts, uniform=opts.precision == "fp8")
         bar.update()
         weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
         kept: dict[str, Any] = {}
@@ -228,7 +228,7 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
                  "source": {"dir": str(out_dir), "weights_bytes": (out_dir / mf.WEIGHTS_FILE).stat().st_size},
                  "weights_bytes": (tmp / mf.WEIGHTS_FILE).stat().st_size}
         manifest[mf.QUANTIZATION_KEY] = quant
-        if opts.report and opts.target == "onnxruntime":
+        if opts.report:  # (tensorrt: the Q/DQ graph run by onnxruntime, i.e. simulated quantization)
             from milora.calibration.agreement import agreement_report, check_agreement
 
             bar.set_postfix_str("agreement report")
@@ -240,8 +240,6 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
 
             write_report(report, tmp / "quantization")
             check_agreement(report, opts.threshold, opts.force_agreement, opts.precision)
-        elif opts.target == "tensorrt":
-            quant["agreement"] = None  # Q/DQ graphs for TensorRT are compared once built (GPU machine)
         bar.update()
         return manifest
     finally:
