@@ -121,3 +121,17 @@ class DependencyError(MiloraError):
 class EngineBuildError(MiloraError):
     """A TensorRT engine cannot be built or loaded: an option the graph cannot take (int8 without
     Q/DQ nodes), an ONNX parse failure, a profile outside the model's limits."""
+
+
+class QuantizeError(MiloraError):
+    """milora-quantize cannot proceed: a bad option, a source export it cannot quantize (already
+    quantized, float16, a precision its target cannot run), calibration data that is unusable."""
+
+
+class AgreementError(QuantizeError):
+    """A quantized export's routing agreement with its source falls below the threshold; nothing
+    was written (unless forced). `report` holds the agreement report's numbers."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import shutil
 import time
@@ -25,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from milora.errors import ExportError, ManifestError, WriteError
+from milora.errors import ExportError, ManifestError
 from milora.format import manifest as mf
 from milora.format.pack import build_pack, save_pack, tenant_options
 from milora.export.lowering import DEFAULT_LOWERING, LOWERINGS
+from milora.format.outdir import check_out_dir, partial_dir, remove_stale_partials, write_error  # noqa: F401
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
 TARGETS = ("onnxruntime", "tensorrt")
@@ -97,15 +97,6 @@ def load_base(model_dir: Path, dtype: str):
     return load_base_model(model_dir, dtype, ExportError, "MODEL_DIR")
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"OUT_DIR {out_dir} exists and is not a directory; expected a new or empty directory. "
-                          "Fix: choose another OUT_DIR")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ExportError(f"OUT_DIR {out_dir} is not empty; expected a new or empty directory. Fix: choose another "
-                          "directory or pass --force to replace it (only once the new export is complete)")
-
-
 def export(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, str | Path] | None = None,
            options: ExportOptions | None = None, **kwargs) -> dict[str, Any]:
     """Export MODEL_DIR (+ adapters) to OUT_DIR; returns the manifest. Atomic: the work happens
@@ -116,7 +107,7 @@ def export(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, str |
     opts = options or ExportOptions(**kwargs)
     opts.check()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _check_out_dir(out_dir, opts.force)
+    check_out_dir(out_dir, opts.force)
     # Tenant names become file names: refuse bad ones before anything is written.
     found = discover(model_dir, {k: Path(v) for k, v in (adapters or {}).items()})
     remove_stale_partials(out_dir)
@@ -140,64 +131,6 @@ def export(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, str |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-PARTIAL_MARK = ".partial-"
-
-
-def partial_dir(out_dir: Path, pid: int) -> Path:
-    """The temporary sibling an export by process `pid` writes into."""
-    return out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{pid}"
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) is not a probe on Windows: never remove another's directory
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    except OverflowError:  # not a PID at all
-        return False
-    return True
-
-
-def remove_stale_partials(out_dir: Path) -> list[Path]:
-    """Remove the .OUT.partial-PID directories of exports to out_dir whose process is gone (a
-    killed export cannot clean up after itself); those of running exports are left alone."""
-    removed = []
-    if not out_dir.parent.is_dir():
-        return removed
-    prefix = f".{out_dir.name}{PARTIAL_MARK}"
-    for p in out_dir.parent.iterdir():
-        pid = p.name[len(prefix):]
-        if p.name.startswith(prefix) and pid.isascii() and pid.isdigit() and int(pid) != os.getpid() \
-                and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-_WRITE_FIXES = {errno.ENOSPC: "free space on that file system or choose an OUT_DIR on another one",
-                getattr(errno, "EDQUOT", -1): "free space within your quota or choose an OUT_DIR on another file system",
-                errno.EACCES: "choose an OUT_DIR in a directory you can write to",
-                errno.EPERM: "choose an OUT_DIR in a directory you can write to",
-                errno.EROFS: "choose an OUT_DIR on a writable file system"}
-
-
-def write_error(exc: OSError, out_dir: Path, tmp: Path, doing: str) -> WriteError:
-    """A typed, one-line account of an OSError met while exporting to out_dir (through tmp)."""
-    where = Path(exc.filename) if exc.filename else tmp
-    inside = where in out_dir.parents or any(where == d or d in where.parents for d in (tmp, out_dir))
-    if not inside:  # an input that could not be read (the tmp directory was removed all the same)
-        return WriteError(f"cannot read {where}: {exc.strerror or exc}; nothing was written to OUT_DIR {out_dir}. "
-                          "Fix: check that the file exists and is readable")
-    fix = _WRITE_FIXES.get(exc.errno, "check that the location is writable and has free space")
-    removed = " (the partial export was removed)" if where != tmp else ""
-    return WriteError(f"cannot {doing} for OUT_DIR {out_dir}: {exc.strerror or exc} ({where}); nothing was written"
-                      f"{removed}. Fix: {fix}")
 
 
 @contextlib.contextmanager

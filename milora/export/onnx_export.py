@@ -10,20 +10,17 @@ torch.export, which would fix those axes; the tracer is kept to the same habit).
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
 
 import onnx
 import torch
-from onnx import numpy_helper
-from onnx.external_data_helper import set_external_data
 
 from milora.format import manifest as mf
 from milora.export.bank_model import BankModel, DecodeGraph, PrefillGraph
 from milora.export.lowering import lower
+from milora.export.shared_weights import SharedWeights  # noqa: F401 - re-exported (exporter)
 
 CONSTANT_FOLDING = True
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_SLOTS = 2, 3, 2, 2
@@ -73,70 +70,6 @@ def declare_fixed_dims(model: onnx.ModelProto, io: dict) -> None:
         for dim, want in zip(dims, specs.get(out.name, [])):
             if isinstance(want, int):
                 dim.dim_value = want
-
-
-# Initializers of at least this many bytes go to the shared data file; smaller ones stay in
-# the .onnx file (as onnx.save's size_threshold did before the file was shared).
-EXTERNAL_MIN_BYTES = 1024
-# Offsets: 64-byte aligned for SIMD loads from a memory map; tensors of 1 MiB and more at
-# 64 KiB (the largest mmap granularity in use: Windows, 64K-page arm64 kernels) so that a
-# runtime can map them directly.
-ALIGN_SMALL, ALIGN_LARGE, LARGE_BYTES = 64, 1 << 16, 1 << 20
-
-
-def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every initializer of graph and of its subgraphs (If branches of the lowerings)."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _initializers(g)
-
-
-class SharedWeights:
-    """One external-data file for both graphs. Each initializer is written once, keyed by
-    its dtype and content (the tracer names folded weights differently in each graph, e.g.
-    onnx::MatMul_123), and every graph's TensorProto points at its (offset, length); the
-    table of both graphs goes to the manifest so a runtime can map the file once."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = open(path, "wb")
-        self._offsets: dict[tuple[int, bytes], tuple[int, int]] = {}
-        self.tables: dict[str, dict[str, dict[str, Any]]] = {}
-
-    def externalize(self, model: onnx.ModelProto, graph: str) -> None:
-        table = self.tables.setdefault(graph, {})
-        for t in _initializers(model.graph):
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                raise RuntimeError(f"initializer {t.name} still points at external data; load it first")
-            if not t.HasField("raw_data"):  # typed fields (float_data, ...): store as raw bytes
-                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
-            data = t.raw_data
-            if len(data) < EXTERNAL_MIN_BYTES:
-                continue
-            key = (t.data_type, hashlib.sha256(data).digest())
-            if key not in self._offsets:
-                align = ALIGN_LARGE if len(data) >= LARGE_BYTES else ALIGN_SMALL
-                offset = -self._file.tell() % align + self._file.tell()
-                self._file.seek(offset)
-                self._file.write(data)
-                self._offsets[key] = (offset, len(data))
-            offset, length = self._offsets[key]
-            set_external_data(t, self.path.name, offset, length)  # sets data_location EXTERNAL
-            t.ClearField("raw_data")
-            table[t.name] = {"offset": offset, "length": length, "shape": list(t.dims),
-                             "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name}
-
-    def close(self) -> None:
-        self._file.close()
-
-    @property
-    def unique_bytes(self) -> int:
-        return sum(length for _, length in self._offsets.values())
 
 
 def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, lowering: str,

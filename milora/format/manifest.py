@@ -243,6 +243,12 @@ def _fused_decode_io(base: dict[str, Any], dtype: str, lora: bool) -> dict[str, 
 MANIFEST_KEYS = ("format", "format_version", "tool_versions", "base", "experts", "dtype", "opset", "target",
                  "flavour", "lora_lowering", "max_rank", "max_top_k", "slots", "option_columns", "option_codes",
                  "graphs", "banks", "tenants", "source", "validation", "export_seconds", "files")
+# Written only by milora-quantize (milora/calibration), after "files": {precision, options,
+# what stayed in high precision, calibration coverage, the agreement with the source export}.
+# A runtime needs none of it (the graph IO contract is the one above); it records what was done.
+QUANTIZATION_KEY = "quantization"
+OPTIONAL_KEYS = (QUANTIZATION_KEY,)
+QUANT_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int4", "fp8")
 
 
 def sha256_file(path: Path) -> str:
@@ -262,6 +268,7 @@ def file_hashes(root: Path) -> dict[str, str]:
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     manifest = dict(manifest, files=file_hashes(root))
     ordered = {k: manifest[k] for k in MANIFEST_KEYS}
+    ordered.update({k: manifest[k] for k in OPTIONAL_KEYS if manifest.get(k) is not None})
     (root / MANIFEST_FILE).write_text(json.dumps(ordered, indent=2) + "\n")
 
 
@@ -289,6 +296,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 
 
 _DTYPES = tuple(NP_DTYPES)
+# Weights in the shared data file may also be quantized (milora-quantize): int8 / uint8 data and
+# zero points, int32 biases (shared_weights.TABLE_DTYPES lists what a table may name).
+_WEIGHT_DTYPES = _DTYPES + ("int8", "uint8")
 
 
 def _is_int(v: Any, low: int = 0) -> bool:
@@ -335,7 +345,7 @@ def _schema_problem(m: dict[str, Any]) -> str | None:
         table = spec.get("external_initializers")
         if table is not None and (not isinstance(table, dict) or not all(
                 isinstance(t, dict) and _is_int(t.get("offset")) and _is_int(t.get("length"))
-                and t.get("dtype") in _DTYPES and isinstance(t.get("shape"), list)
+                and t.get("dtype") in _WEIGHT_DTYPES and isinstance(t.get("shape"), list)
                 and all(_is_int(d) for d in t["shape"]) for t in table.values())):
             return f"graphs.{g}.external_initializers must map names to {{offset, length, dtype, shape}}"
     banks = m["banks"]
@@ -355,6 +365,11 @@ def _schema_problem(m: dict[str, Any]) -> str | None:
     files = m["files"]
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         return "'files' must map relative paths to sha256 strings"
+    quant = m.get(QUANTIZATION_KEY)
+    if quant is not None and (not isinstance(quant, dict) or quant.get("precision") not in QUANT_PRECISIONS
+                              or not isinstance(quant.get("options"), dict)):
+        return (f"'{QUANTIZATION_KEY}' must be an object with a precision in {QUANT_PRECISIONS} and its options, "
+                f"got {str(quant)[:200]}")
     source = m["source"]
     if not isinstance(source, dict) or not isinstance(source.get("model_dir"), str) \
             or not isinstance(source.get("adapters"), dict) \

@@ -1,0 +1,217 @@
+"""milora-quantize on the tiny exports of both graph flavours (docs/quantization.md): each
+precision's graphs run in onnxruntime and the runtime serves the result unchanged; routers and
+banks stay float32; the agreement report is computed (exactly 1.0 for float32 against itself,
+below 1.0 once a planted router perturbation flips choices, and then the refusal fires);
+calibration is routing-aware and its decode feeds carry KV from real prefill runs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+
+from milora.calibration import calibrate
+from milora.calibration import feeds as fd
+from milora.calibration.agreement import agreement_report
+from milora.calibration.quantize import QuantizeOptions, quantize
+from milora.errors import AgreementError
+from milora.format import manifest as mf
+from milora.runtime import Engine, SamplingParams
+
+FAST = dict(report_prompts=4, report_steps=2, calib_samples=8, calib_decode_steps=2, progress=False)
+# ops each precision must leave in the graphs (onnxruntime's kernels for it)
+EXPECTED_OPS = {"fp16": "Cast", "int8-dynamic": "MatMulInteger", "int8-static": "QuantizeLinear", "int4": "MatMulNBits"}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_any_export):
+    return tiny_any_export
+
+
+@pytest.fixture(scope="module")
+def quantized(exported, tmp_path_factory):
+    """precision -> QUANT_DIR, quantized once per flavour (forced: the tiny random models' routers
+    have small margins, so int8 / int4 may flip some; the report tells, the tests check it)."""
+    _, out_dir = exported
+    root = tmp_path_factory.mktemp("quantized")
+    cache = {}
+
+    def get(precision):
+        if precision not in cache:
+            cache[precision] = root / precision
+            quantize(out_dir, cache[precision], precision=precision, force_agreement=True, **FAST)
+        return cache[precision]
+
+    return get
+
+
+def _graph(root, name):
+    m = mf.read_manifest(root)
+    return onnx.load(str(root / m["graphs"][name]["file"]), load_external_data=True), m
+
+
+def _router_ops_float32(model: onnx.ModelProto, vocab: int) -> bool:
+    """Every MatMul of the routers (graph.plan's router nodes) takes float32 on both sides."""
+    from milora.calibration import graph as cg
+
+    cg.name_nodes(model.graph)
+    routers = cg.plan(model, vocab).router_nodes
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.name in routers]
+    return bool(matmuls) and all(types.get(x) == onnx.TensorProto.FLOAT for n in matmuls for x in n.input)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8-dynamic", "int4", "int8-static"])
+def test_each_precision_runs_and_serves(exported, quantized, precision):
+    _, out_dir = exported
+    qdir = quantized(precision)
+    src = mf.read_manifest(out_dir)
+    m = mf.read_manifest(qdir)
+    q = m[mf.QUANTIZATION_KEY]
+    assert q["precision"] == precision
+    # the runtime's contract is the source's: same IO, banks, tenants, flavour
+    for key in ("banks", "tenants", "flavour", "dtype", "slots"):
+        assert m[key] == src[key], key
+    for g in ("prefill", "decode"):
+        assert m["graphs"][g]["inputs"] == src["graphs"][g]["inputs"]
+        assert m["graphs"][g]["outputs"] == src["graphs"][g]["outputs"]
+        model, _ = _graph(qdir, g)
+        ops = {n.op_type for n in model.graph.node}
+        assert EXPECTED_OPS[precision] in ops, (g, sorted(ops))
+    prefill, _ = _graph(qdir, "prefill")
+    assert _router_ops_float32(prefill, m["base"]["vocab_size"]), "a router MatMul is not float32"
+    smaller = q["weights_bytes"] / q["source"]["weights_bytes"]
+    assert smaller < {"fp16": 0.6, "int8-dynamic": 0.45, "int8-static": 0.45, "int4": 0.35}[precision], smaller
+    # served unchanged, every tenant and the bare base model, in one mixed batch
+    with Engine(qdir, max_batch=8) as engine:
+        reqs = engine.generate_batch([{"tenant": t, "prompt_ids": [5, 6, 7, 8 + i],
+                                       "params": SamplingParams(max_new_tokens=3, ignore_eos=True)}
+                                      for i, t in enumerate([*m["tenants"], None])])
+    assert all(len(r.output_ids) == 3 and all(0 <= x < m["base"]["vocab_size"] for x in r.output_ids) for r in reqs)
+    # the report was computed and written
+    report = json.loads((qdir / "quantization" / "agreement.json").read_text())
+    assert (qdir / "quantization" / "agreement.png").stat().st_size > 1000
+    for t, v in report["tenants"].items():
+        assert 0.0 <= v["routing_agreement"] <= 1.0 and 0.0 <= v["next_token_agreement"] <= 1.0, (t, v)
+        assert v["decided"] + v["near_ties"] == v["selections"] == FAST["report_prompts"] * m["base"]["num_layers"]
+        assert v["kl_mean"] >= 0.0
+    assert q["agreement"]["routing_agreement_min"] == min(v["routing_agreement"] for v in report["tenants"].values())
+
+
+def test_float32_against_itself_agrees_exactly(exported):
+    _, out_dir = exported
+    m = mf.read_manifest(out_dir)
+    opts = QuantizeOptions(report_prompts=6, report_steps=3)
+    report = agreement_report(out_dir, out_dir, m, opts)
+    assert set(report["tenants"]) == set(m["tenants"])
+    for t, v in report["tenants"].items():
+        assert v["routing_agreement"] == 1.0 and v["next_token_agreement"] == 1.0, (t, v)
+        assert v["kl_max"] == 0.0 and v["near_tie_agreement"] in (None, 1.0), (t, v)
+        assert v["positions"] == 6 * 4
+
+
+def _plant_router_flip(model: onnx.ModelProto, graph: str, plan) -> None:
+    """Negate layer 0's router logits in the quantized prefill graph: every routed tenant now
+    picks its LOWEST-scoring experts there."""
+    if graph != "prefill":
+        return
+    target = plan.router_logits[0]
+    assert target is not None, "no router logits found in the quantized prefill graph"
+    planted = target + "_planted"
+    for node in model.graph.node:
+        for i, x in enumerate(node.input):
+            if x == target:
+                node.input[i] = planted
+    model.graph.node.append(onnx.helper.make_node("Neg", [target], [planted], name="planted_router_flip"))
+    # keep the graph topologically sorted: move the new node right after the producer
+    nodes = list(model.graph.node)
+    producer = next(i for i, n in enumerate(nodes) if target in n.output)
+    nodes.insert(producer + 1, nodes.pop())
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def test_planted_router_perturbation_is_caught_and_refused(exported, tmp_path):
+    _, out_dir = exported
+    # without the plant, fp16 keeps every routing choice: not refused at the default threshold
+    clean = quantize(out_dir, tmp_path / "clean", precision="fp16", **FAST)
+    assert clean[mf.QUANTIZATION_KEY]["agreement"]["routing_agreement_min"] == 1.0
+    with pytest.raises(AgreementError) as info:
+        quantize(out_dir, tmp_path / "planted", precision="fp16", transform=_plant_router_flip, **FAST)
+    msg, report = str(info.value), info.value.report
+    assert "below the threshold 0.99" in msg and "--force-agreement" in msg
+    worst = report["summary"]["routing_agreement_min"]
+    assert worst < 0.99 and f"{worst:.4f}" in msg
+    assert not (tmp_path / "planted").exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    # layer 0's choice flipped for every routed row whose margin is decided; layer 1 follows the
+    # changed hidden state or not, so only layer 0 is asserted
+    for t, v in report["tenants"].items():
+        assert v["routing_agreement"] < 1.0, (t, v)
+        assert any(f["layer"] == 0 for f in v["flips"]), (t, v["flips"])
+    forced = quantize(out_dir, tmp_path / "planted", precision="fp16", transform=_plant_router_flip,
+                      force_agreement=True, **FAST)
+    agreement = forced[mf.QUANTIZATION_KEY]["agreement"]
+    assert agreement["forced"] and set(agreement["below_threshold"]) == set(forced["tenants"])
+
+
+def test_calibration_is_routing_aware_and_decode_uses_real_prefill_kv(exported):
+    _, out_dir = exported
+    m = mf.read_manifest(out_dir)
+    opts = SimpleNamespace(calibration=None, calib_samples=8, calib_decode_steps=2, seed=0)
+    cs = calibrate.calibration_set(out_dir, m, opts)
+    cov = cs.coverage
+    assert cov["paths_covered"] == cov["paths_used"] and all(v > 0 for v in cov["paths_used"].values())
+    # prefill batches mix tenants
+    assert any(len(set(f[mf.TENANT_SLOTS].tolist())) > 1 for f in cs.prefill)
+    # the first decode feeds continue the first prefill batch: its past KV is that prefill's present
+    sess = fd.session(out_dir / m["graphs"]["prefill"]["file"])
+    out = fd.run(sess, cs.prefill[0])
+    first = cs.decode[0]
+    key, present = mf.past_key(0), out[mf.present_key(0)]
+    t = present.shape[2]
+    assert np.abs(present).sum() > 0
+    np.testing.assert_array_equal(first[key][:, :, :t] if fd.is_fused(m) else first[key], present)
+    assert len(cs.decode) == len(cs.prefill) * 2
+
+
+def test_routing_aware_selection_covers_every_path():
+    cands = {"a": [{(0, 1)}, {(0, 1), (1, 2)}, {(1, 3)}, set()], "b": [{(0, 0)}, {(0, 0)}]}
+    chosen = calibrate.select_routing_aware(cands, budget=2)
+    for t, picks in chosen.items():
+        assert set().union(*(cands[t][i] for i in picks)) == set().union(*cands[t])
+    assert chosen["a"] == [1, 2]  # the greedy cover takes the widest candidate first
+    more = calibrate.select_routing_aware(cands, budget=6)
+    assert sum(len(v) for v in more.values()) == 6
+
+
+@pytest.mark.parametrize("precision", ["int8-static", "fp8"])
+def test_tensorrt_qdq_graphs(tiny_export, tmp_path, precision):
+    """--target tensorrt: explicit quantization as TensorRT takes it: Q/DQ pairs, symmetric
+    (zero points 0), int8 or float8 e4m3 (opset >= 19), weights per output channel, no quantized
+    Gather; onnxruntime still runs them (simulated quantization), so the report is computed."""
+    _, out_dir = tiny_export
+    m = quantize(out_dir, tmp_path / "q", precision=precision, target="tensorrt", force_agreement=True, **FAST)
+    want = onnx.TensorProto.INT8 if precision == "int8-static" else onnx.TensorProto.FLOAT8E4M3FN
+    for g in ("prefill", "decode"):
+        model, _ = _graph(tmp_path / "q", g)
+        inits = {t.name: t for t in model.graph.initializer}
+        q_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        dq_nodes = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert q_nodes and dq_nodes
+        for n in q_nodes + dq_nodes:
+            zp = onnx.numpy_helper.to_array(inits[n.input[2]]) if n.input[2] in inits else None
+            assert zp is not None and inits[n.input[2]].data_type == want
+            assert not np.any(zp.astype(np.float32)), n.name
+        weight_dq = [n for n in dq_nodes if n.input[0] in inits]
+        assert weight_dq and all(len(inits[n.input[1]].dims) == 1 for n in weight_dq)  # per channel
+        assert not any(n.op_type == "Gather" and n.input[0] not in inits and n.input[0].endswith("DequantizeLinear_Output")
+                       for n in model.graph.node)
+        if precision == "fp8":
+            assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    q = m[mf.QUANTIZATION_KEY]
+    assert q["target"] == "tensorrt" and q["agreement"]["routing_agreement_min"] is not None
+    assert "embedding" in q["high_precision"]
