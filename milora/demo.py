@@ -101,12 +101,12 @@ def score_rows(raw: list[dict[str, Any]]):
 def scores(built, engine, force: bool, progress: bool, say=print) -> tuple[list[dict[str, Any]], bool]:
     """(raw scores, cached?) for the export in `built`, computed once and cached beside it."""
     from milora.demo_build import scores_path
-    from milora.stages import atomic_write_json, read_json
+    from milora.stages import atomic_write_json, read_cached_json
     from milora.train import demo as tenant_demo
 
     path = scores_path(built.out_dir)
     key = {"fingerprint": built.fingerprint, "settings": SCORE_SETTINGS}
-    cached = None if force else read_json(path)
+    cached = None if force else read_cached_json(path)
     if cached is not None and cached.get("key") == key:
         say(f"[4/5] scores: cached ({path})")
         return cached["rows"], True
@@ -190,7 +190,7 @@ def _clip(text: str, lines: int, width: int) -> str:
 
 def print_scores(raw: list[dict[str, Any]], cached: bool, tenants: dict[str, Path]) -> None:
     from milora.demo_view import score_summary, score_table
-    from milora.stages import read_json
+    from milora.stages import read_cached_json
     from milora.train import demo as tenant_demo
 
     rows = score_rows(raw)
@@ -208,7 +208,7 @@ def print_scores(raw: list[dict[str, Any]], cached: bool, tenants: dict[str, Pat
             print(f"For scale, on these {r['task']} items: answering {shares}.")
     recipes = []
     for name in tenants:
-        info = read_json(tenants[name] / tenant_demo.DEMO_INFO) or {}
+        info = read_cached_json(tenants[name] / tenant_demo.DEMO_INFO) or {}
         spec = tenant_demo.DEMO_TENANTS[name]
         recipes.append(f"{name} {info.get('steps', spec.steps)} steps x {spec.examples_per_step}")
     print(f"The tenants are demo-sized, trained on a few dozen examples each ({'; '.join(recipes)}): enough to "

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from milora.errors import MiloraError
-from milora.stages import atomic_write_json, read_json, run_isolated
+from milora.stages import atomic_write_json, read_cached_json, run_isolated
 
 DEMO_EXPORT = "demo-export"
 STAMP_SUFFIX = ".inputs.json"
@@ -131,7 +131,7 @@ def export_is_current(out_dir: Path, fp: dict[str, Any]) -> bool:
     """The export exists, its files match its manifest (sha256) and it was made from `fp`."""
     from milora.format.manifest import read_manifest, verify_files
 
-    if read_json(stamp_path(out_dir)) != fp:
+    if read_cached_json(stamp_path(out_dir)) != fp:
         return False
     try:
         verify_files(out_dir, read_manifest(out_dir))
@@ -178,7 +178,7 @@ def build(cache: Path, force: bool = False, isolate: bool = True, progress: bool
             res = run_isolated(f"train {name}", train_stage, name, str(root), str(base), progress, isolate=isolate)
         tenants[name] = Path(res.value)
         rebuilt.append(f"tenant:{name}")
-        info = read_json(tenants[name] / tenant_demo.DEMO_INFO) or {}
+        info = read_cached_json(tenants[name] / tenant_demo.DEMO_INFO) or {}
         loss = info.get("train_losses") or [float("nan")]
         say(f"      {'':<14} done in {_took(t0, res)}: train loss "
             f"{loss[0]:.3f} -> {loss[-1]:.3f}")

@@ -12,9 +12,7 @@ No torch here: the parent process of the demo stays light.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from milora.errors import MiloraError
+from milora.format.outdir import atomic_write_text
 
 
 class StageError(MiloraError):
@@ -77,27 +76,11 @@ def run_isolated(label: str, fn: Callable[..., Any], *args: Any, isolate: bool =
                              "largest stage needs about 3.5 GB free); nothing of it was cached. Free some memory and run again") from None
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary sibling and rename: a reader never sees half a file, and an
-    interrupted write leaves the previous file (or none)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shared cache unreadable to others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def read_json(path: str | Path) -> Any | None:
+def read_cached_json(path: str | Path) -> Any | None:
     """The JSON in path, or None when it is missing or unreadable (a cache miss, not an error)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

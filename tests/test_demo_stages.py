@@ -14,7 +14,7 @@ import pytest
 
 from milora import assets, demo, demo_build
 from milora.errors import DataError, MiloraError
-from milora.stages import atomic_write_json, read_json, run_isolated
+from milora.stages import atomic_write_json, read_cached_json, run_isolated
 from milora.train import demo as tenant_demo
 
 
@@ -139,11 +139,11 @@ def test_force_retrains_exports_and_scores_but_keeps_the_base(tmp_path, fakes):
     assert fakes.calls == Counter({"materialise": 1, "train:alpha": 2, "train:beta": 2, "export": 2, "score": 2})
 
 
-def test_atomic_json_and_read_json(tmp_path):
+def test_atomic_json_and_read_cached_json(tmp_path):
     path = tmp_path / "sub" / "x.json"
     atomic_write_json(path, {"a": 1})
-    assert read_json(path) == {"a": 1} and [p.name for p in path.parent.iterdir()] == ["x.json"]
-    assert read_json(tmp_path / "missing.json") is None
+    assert read_cached_json(path) == {"a": 1} and [p.name for p in path.parent.iterdir()] == ["x.json"]
+    assert read_cached_json(tmp_path / "missing.json") is None
 
 
 def _fail(message: str) -> None:

@@ -64,8 +64,8 @@ def test_read_only_out_dir_parent(capsys, tmp_path, model_dir):
         else:
             pytest.skip("no read-only directory available to this user")
         fails(capsys, export_cli.main, [model_dir, out, "--no-validate", "--quiet"],
-              f"cannot create the export's temporary directory for OUT_DIR {out}", f"({out.parent / ('.' + out.name)}.partial-",
-              "nothing was written", "Fix: choose an OUT_DIR")
+              f"cannot create a temporary directory for OUT_DIR {out}", f"({out.parent / ('.' + out.name)}.partial-",
+              "nothing was written", "Fix: put OUT_DIR in a directory you can write to")
         assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(".milora-test-out")
                                          or p.name.startswith(".out.")]
     finally:
@@ -88,7 +88,7 @@ def test_full_disk_during_export(capsys, tmp_path, model_dir, monkeypatch):
     monkeypatch.setattr(mf, "write_manifest", full_disk)
     fails(capsys, export_cli.main, [model_dir, out, "--no-validate", "--quiet", "--force"],
           f"cannot write the export for OUT_DIR {out}: No space left on device", "manifest.json",
-          "nothing was written (the partial export was removed)", "Fix: free space on that file system")
+          "nothing was written (the partial directory was removed)", "Fix: free space on that file system")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -115,7 +115,7 @@ def test_full_disk_during_import(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     fails(capsys, import_cli.main, [src, tmp_path / "out", "--base", tmp_path / "base"],
-          f"cannot write the adapter to {tmp_path / 'out'}: No space left on device", "nothing was written", "Fix:")
+          f"cannot write the adapter for the adapter directory {tmp_path / 'out'}: No space left on device", "nothing was written", "Fix:")
     assert nothing_written(tmp_path)
 
 

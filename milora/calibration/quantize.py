@@ -14,7 +14,6 @@ Torch-free: onnx and onnxruntime (and its quantization tools) only.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ import onnx
 
 from milora.calibration import graph as cg
 from milora.calibration import precisions as qp
-from milora.errors import AgreementError, QuantizeError
+from milora.errors import QuantizeError
 from milora.format import manifest as mf
-from milora.format.outdir import check_out_dir, partial_dir, remove_stale_partials, write_error
+from milora.format.outdir import check_out_dir, staged_directory
 
 PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int4", "fp8")
 QUANT_TARGETS = ("onnxruntime", "tensorrt")
@@ -160,23 +159,11 @@ def quantize(out_dir: str | Path, quant_dir: str | Path, options: QuantizeOption
     if quant_dir.resolve() == out_dir.resolve():
         raise QuantizeError(f"QUANT_DIR {quant_dir} is OUT_DIR; expected a new directory. Fix: choose another QUANT_DIR")
     check_out_dir(quant_dir, opts.force, "QUANT_DIR", QuantizeError)
-    remove_stale_partials(quant_dir)
-    tmp = partial_dir(quant_dir, os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    try:
-        try:
-            tmp.mkdir(parents=True)
-            manifest = _quantize_into(out_dir, tmp, src, opts, transform)
-        except OSError as exc:
-            raise write_error(exc, quant_dir, tmp, "write the quantized export", "QUANT_DIR") from exc
+    with staged_directory(quant_dir, "QUANT_DIR", "write the quantized export") as tmp:
+        manifest = _quantize_into(out_dir, tmp, src, opts, transform)
         manifest[mf.QUANTIZATION_KEY]["seconds"] = round(time.perf_counter() - start, 2)
         mf.write_manifest(tmp, manifest)
-        if quant_dir.exists():
-            shutil.rmtree(quant_dir)
-        os.replace(tmp, quant_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return mf.read_manifest(quant_dir)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from milora.errors import ExportError, ManifestError
 from milora.format import manifest as mf
 from milora.format.pack import build_pack, save_pack, tenant_options
 from milora.export.lowering import DEFAULT_LOWERING, LOWERINGS
-from milora.format.outdir import check_out_dir, partial_dir, remove_stale_partials, write_error  # noqa: F401
+from milora.format.outdir import check_out_dir, staged_directory
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
 TARGETS = ("onnxruntime", "tensorrt")
@@ -110,26 +109,9 @@ def export(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, str |
     check_out_dir(out_dir, opts.force)
     # Tenant names become file names: refuse bad ones before anything is written.
     found = discover(model_dir, {k: Path(v) for k, v in (adapters or {}).items()})
-    remove_stale_partials(out_dir)
-    tmp = partial_dir(out_dir, os.getpid())
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as exc:
-        raise write_error(exc, out_dir, tmp, "create the export's temporary directory") from None
-    try:
+    with staged_directory(out_dir, "OUT_DIR", "write the export") as tmp:
         with _steps(opts, 6 if opts.validate else 5) as bar, torch_threads(opts.torch_threads):
             manifest = _export_into(model_dir, tmp, found, opts, bar)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(exc, out_dir, tmp, "write the export") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from milora.format.adapter import check_base, check_tensors, expected_shapes, read_adapter
 from milora.format.contract import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, EXPERT_INDEX, NUM_EXPERTS, lora_a_name,
                              lora_b_name, router_tensor_name)
+from milora.format.outdir import atomic_write_text
 from milora.errors import AdapterFormatError, RoutingError
 from milora.format.config import MiloraConfig
 from milora.model.inject import base_info, decoder_layers, expert_linear, set_expert_linear
@@ -280,7 +281,7 @@ class MiloraModel(nn.Module):
         save_file(tensors, str(tmp), metadata={"format": "milora", "format_version": "1"})
         _sort_metadata(tmp)
         tmp.replace(directory / ADAPTER_WEIGHTS_FILE)
-        (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(self.config.to_json_dict(self.base), indent=2) + "\n")
+        atomic_write_text(directory / ADAPTER_CONFIG_FILE, json.dumps(self.config.to_json_dict(self.base), indent=2) + "\n")
         return directory
 
     @classmethod

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from milora.format.outdir import staged_directory
 
 DEMO_DIRNAME = "demo-tenants"
 _MARKER = ".milora-complete"
@@ -134,32 +135,27 @@ def train_tenant(name: str, root: Path, base: str | Path = "smollm2", progress: 
     from milora.train.loop import TrainConfig
 
     spec = DEMO_TENANTS[name]
-    root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(DEMO_TORCH_THREADS)
-        random.seed(DEMO_SEED)
-        np.random.seed(DEMO_SEED)
-        adapter, train = demo_configs(spec)
-        result = train_adapter(base, tmp, adapter, TrainConfig(**train), task=spec.task, train_limit=spec.items,
-                               dev_limit=DEMO_DEV_LIMIT, progress=progress, save_dtype=torch.float16)
-        shutil.rmtree(tmp / "checkpoint", ignore_errors=True)  # optimizer state: not needed to serve
-        (tmp / DEMO_INFO).write_text(json.dumps({
-            "task": spec.task, "steps": result.steps, "final_train_loss": result.train_losses[-1],
-            "dev_loss": result.best_dev_loss, "train_losses": result.train_losses,
-            "adapter": adapter.to_json_dict({}), "train": TrainConfig(**train).to_dict(),
-            "recipe": recipe(name), "command": command(name),
-        }, indent=1) + "\n")
-        (tmp / _MARKER).write_text("ok\n")
-        tmp.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with staged_directory(final, "the demo tenant cache", f"train demo tenant {name}") as tmp:
+            torch.set_num_threads(DEMO_TORCH_THREADS)
+            random.seed(DEMO_SEED)
+            np.random.seed(DEMO_SEED)
+            adapter, train = demo_configs(spec)
+            result = train_adapter(base, tmp, adapter, TrainConfig(**train), task=spec.task,
+                                   train_limit=spec.items, dev_limit=DEMO_DEV_LIMIT, progress=progress,
+                                   save_dtype=torch.float16)
+            shutil.rmtree(tmp / "checkpoint", ignore_errors=True)  # optimizer state: not needed to serve
+            (tmp / DEMO_INFO).write_text(json.dumps({
+                "task": spec.task, "steps": result.steps, "final_train_loss": result.train_losses[-1],
+                "dev_loss": result.best_dev_loss, "train_losses": result.train_losses,
+                "adapter": adapter.to_json_dict({}), "train": TrainConfig(**train).to_dict(),
+                "recipe": recipe(name), "command": command(name),
+            }, indent=1) + "\n")
+            (tmp / _MARKER).write_text("ok\n")
     finally:
         torch.set_num_threads(threads)
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -8,9 +8,6 @@ output size of a linear (adapter_format.module_dims).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,8 @@ from torch import Tensor, nn
 
 from milora.format.adapter import BASE_KEYS, as_os_error, check_tensors, expected_shapes
 from milora.format.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_a_name, lora_b_name
-from milora.errors import AdapterImportError, WriteError
+from milora.format.outdir import staged_directory
+from milora.errors import AdapterImportError
 from milora.format.config import MiloraConfig
 
 
@@ -111,12 +109,7 @@ def write_adapter(adapter: ImportedAdapter, out_dir: str | Path) -> Path:
                            "output directory. Fix: choose a new output directory")
     check_tensors({k: tuple(v.shape) for k, v in adapter.tensors.items()},
                   expected_shapes(adapter.config, adapter.base), f"imported adapter for {out_dir}")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as exc:
-        raise _write_error(exc, out_dir) from None
-    try:
+    with staged_directory(out_dir, "the adapter directory", "write the adapter") as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.tensors.items()}
         try:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "milora", "format_version": "1"})
@@ -124,19 +117,5 @@ def write_adapter(adapter: ImportedAdapter, out_dir: str | Path) -> Path:
             raise as_os_error(exc, tmp / ADAPTER_WEIGHTS_FILE) from None
         config = adapter.config.to_json_dict(adapter.base)
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(exc, out_dir) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
-
-def _write_error(exc: OSError, out_dir: Path) -> WriteError:
-    return WriteError(f"cannot write the adapter to {out_dir}: {exc.strerror or exc} ({exc.filename or out_dir}); "
-                      "nothing was written. Fix: choose an output directory on a writable file system with free "
-                      "space")
