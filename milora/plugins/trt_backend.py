@@ -30,7 +30,7 @@ import numpy as np
 
 from milora.errors import ManifestError, RequestError
 from milora.format import manifest as mf
-from milora.runtime.backend import check_slots
+from milora.runtime.backend import MaskedKV, check_slots
 from milora.format.padding import left_pad, pad_left_to
 from milora.plugins import binding as bd
 from milora.plugins.profiles import Range
@@ -56,7 +56,7 @@ class TrtRunner:
 
 
 @dataclass
-class TrtKV:
+class TrtKV(MaskedKV):
     """KV and mask of rows, in row order: on the host (after prefill and membership changes) or
     on the device (after a decode step)."""
 
@@ -64,14 +64,6 @@ class TrtKV:
     host: list[np.ndarray] | None  # per past input [B, Hkv, P, D]
     device: list[Any] | None = None  # per past input: [current, next] buffers of capacity length
     capacity: int = 0
-
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
-    @property
-    def tokens(self) -> int:
-        return self.mask.size
 
 
 @dataclass

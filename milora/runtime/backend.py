@@ -90,3 +90,18 @@ def check_slots(slots: Any, num_slots: int) -> np.ndarray:
         raise RequestError(f"tenant slot(s) {sorted(set(bad.tolist()))[:5]} out of range; this export has "
                            f"slots 0..{num_slots - 1} (0 = the base model)")
     return arr.astype(np.int64, copy=False)
+
+
+class MaskedKV:
+    """What the engine reads of a KV state whose rows carry a mask [B, P] (1 = a real token):
+    the padded length P and the tokens held, B * P. A mixin of the backends' KV dataclasses."""
+
+    mask: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def tokens(self) -> int:
+        return self.mask.size

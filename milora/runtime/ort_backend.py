@@ -19,7 +19,7 @@ import numpy as np
 
 from milora.errors import ManifestError, RequestError
 from milora.format import manifest as mf
-from milora.runtime.backend import check_slots
+from milora.runtime.backend import MaskedKV, check_slots
 from milora.format.padding import left_pad, pad_left_to
 from milora.format.manifest import NP_DTYPES
 from milora.runtime.weights import map_shared_initializers
@@ -27,19 +27,11 @@ from milora.runtime.weights import map_shared_initializers
 
 
 @dataclass
-class BatchKV:
+class BatchKV(MaskedKV):
     """KV and mask of the rows currently decoding, in row order."""
 
     mask: np.ndarray  # [B, P] int64 (left padding)
     past: list[Any]  # per past input name, OrtValue or ndarray [B, Hkv, P, D]
-
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
-    @property
-    def tokens(self) -> int:
-        return self.mask.size
 
 
 @dataclass(frozen=True)
