@@ -18,7 +18,6 @@ TensorRT passes. The trimmed PTX is assembled again with Triton's ptxas to prove
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
