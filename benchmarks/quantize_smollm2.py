@@ -11,7 +11,7 @@ One run does everything:
      task accuracy on its task's test split; genai's int4 build (its model builder, -p int4 -e cpu).
   2. measure: each (system, batch) in a fresh process: load, one warm-up generation, then one
      timed greedy generation of --new tokens; decode tok/s = B x (new - 1) / (last token time -
-     first token time); peak RSS = the process's ru_maxrss. B=1: one tenant (arc-easy). B=8:
+     first token time); peak RSS = the process's VmHWM. B=1: one tenant (arc-easy). B=8:
      8 different MiLoRA tenants (the 3 demo tenants and 5 more slots loaded with their packs
      under other names) for milora; the bare base model for genai (it serves no MiLoRA tenant).
      Systems are interleaved within each round; medians over rounds. `uptime` is recorded
@@ -175,13 +175,22 @@ def measure_genai(model_dir: str, batch: int, new: int, tokenizer: str) -> dict:
     return {"tok_s": batch * (len(times) - 1) / (times[-1] - times[0]), "tokens0": tokens[:16]}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which Linux carries over
+    from the parent that spawned the worker)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(spec: dict) -> None:
     before = uptime()
     if spec["kind"] == "genai":
         out = measure_genai(spec["path"], spec["batch"], spec["new"], spec["tokenizer"])
     else:
         out = measure_milora(spec["path"], spec["batch"], spec["new"], spec["tokenizer"])
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     out["load_before"], out["load_after"] = before, uptime()
     print(json.dumps(out))
 
