@@ -1,9 +1,8 @@
 """The precisions: one function each, ModelProto in (a float32 graph of milora-export with its
 weights loaded, nodes named by graph.name_nodes), ModelProto out, graph IO names unchanged.
 
-    fp16          every float tensor float16 except the routers (float32 always) and the graph
-                  IO the manifest keeps float32 (gates, router banks): the contract of a
-                  `milora-export --dtype fp16` directory
+    fp16          the base weights (weight MatMuls, embedding) stored float16 and cast to
+                  float32 where read: float32 compute, half the disk (to_fp16 says why)
     int8-dynamic  weight MatMuls -> int8 weights, activations quantized per call
                   (DynamicQuantizeMatMul / MatMulInteger); embedding Gather int8
     int8-static   Q/DQ pairs on the weight MatMuls' weights (int8, per channel) and inputs (scales
@@ -16,7 +15,7 @@ weights loaded, nodes named by graph.name_nodes), ModelProto out, graph IO names
 
 Never quantized: the adapter banks (graph inputs: tenants are loaded at run time, and their
 MatMuls read no initializer), the routers (a flipped choice changes which experts run; they hold
-no base weight, and fp16 keeps them float32), every op other than the weight MatMuls and the
+no base weight), every op other than the weight MatMuls and the
 embedding (norms, attention, softmax stay float32 in int8 / int4).
 """
 

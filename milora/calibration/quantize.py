@@ -25,7 +25,7 @@ import onnx
 
 from milora.calibration import graph as cg
 from milora.calibration import precisions as qp
-from milora.errors import AgreementError, QuantizeError
+from milora.errors import QuantizeError
 from milora.format import manifest as mf
 from milora.format.outdir import check_out_dir, partial_dir, remove_stale_partials, write_error
 
