@@ -215,3 +215,21 @@ def test_tensorrt_qdq_graphs(tiny_export, tmp_path, precision):
     q = m[mf.QUANTIZATION_KEY]
     assert q["target"] == "tensorrt" and q["agreement"]["routing_agreement_min"] is not None
     assert "embedding" in q["high_precision"]
+
+
+def test_milora_quantize_imports_no_torch(tiny_export, tmp_path):
+    """The command (calibration, quantization, report) runs without torch or transformers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, out_dir = tiny_export
+    code = ("import sys; from milora.calibration.cli import main; "
+            f"rc = main([{str(out_dir)!r}, {str(tmp_path / 'q')!r}, '--precision', 'int8-static', '--quiet', "
+            "'--force-agreement', '--report-prompts', '2', '--report-steps', '1', '--calib-samples', '4']); "
+            "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert res.stdout.strip().splitlines()[-1] == "0 []", res.stdout + res.stderr
+    assert (tmp_path / "q" / "manifest.json").is_file()

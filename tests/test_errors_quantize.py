@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
-
 from errors_helpers import fails, nothing_written
 from milora.calibration import cli as quantize_cli
 from milora.calibration.quantize import quantize

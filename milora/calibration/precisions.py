@@ -1,9 +1,8 @@
 """The precisions: one function each, ModelProto in (a float32 graph of milora-export with its
 weights loaded, nodes named by graph.name_nodes), ModelProto out, graph IO names unchanged.
 
-    fp16          every float tensor float16 except the routers (float32 always) and the graph
-                  IO the manifest keeps float32 (gates, router banks): the contract of a
-                  `milora-export --dtype fp16` directory
+    fp16          the base weights (weight MatMuls, embedding) stored float16 and cast to
+                  float32 where read: float32 compute, half the disk (to_fp16 says why)
     int8-dynamic  weight MatMuls -> int8 weights, activations quantized per call
                   (DynamicQuantizeMatMul / MatMulInteger); embedding Gather int8
     int8-static   Q/DQ pairs on the weight MatMuls' weights (int8, per channel) and inputs (scales
@@ -16,7 +15,7 @@ weights loaded, nodes named by graph.name_nodes), ModelProto out, graph IO names
 
 Never quantized: the adapter banks (graph inputs: tenants are loaded at run time, and their
 MatMuls read no initializer), the routers (a flipped choice changes which experts run; they hold
-no base weight, and fp16 keeps them float32), every op other than the weight MatMuls and the
+no base weight), every op other than the weight MatMuls and the
 embedding (norms, attention, softmax stay float32 in int8 / int4).
 """
 
@@ -63,42 +62,33 @@ def _load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
-# Ops kept float32 beyond onnxruntime's default block list: ScatterND with reduction "add" (the
-# fused decode's per-row LoRA update) has no float16 CPU kernel, and GroupQueryAttention stays
-# float32 so that the KV cache does too (the runtime writes it in place, float32 buffers).
-FP16_BLOCKED_OPS = ("ScatterND", "GroupQueryAttention")
+def to_fp16(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """The base weights (weight MatMuls, embedding) stored float16, each read through a Cast to
+    float32: the graph computes float32 (onnxruntime folds the Casts when it loads the session).
 
+    Why not a float16 graph: onnxruntime's CPU provider runs few ops in float16 (no ScatterND
+    with reduction "add", the fused decode's LoRA update) and its float16 converter, tried
+    first, produced NaN logits and gates on SmolLM2's fused prefill (its LoRA If branches),
+    while passing on the tiny test models. A float16-compute graph for GPUs is milora-export
+    --dtype fp16 (portable flavour)."""
+    import numpy as np
+    from onnx import numpy_helper
 
-def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    with _quiet():
-        try:
-            return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-        except Exception:  # noqa: BLE001 - fall back to onnx's own inference (enough for the portable graphs)
-            return onnx.shape_inference.infer_shapes(model)
-
-
-def to_fp16(model: onnx.ModelProto, plan: Plan, keep_float32: list[str]) -> onnx.ModelProto:
-    """float16 everywhere but the routers and the IO names in keep_float32."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    # Only ops of the main graph: the converter renames a blocked node's output inside an If
-    # branch and leaves the branch's output name dangling (the portable graphs' LoRA lowerings).
-    top = {n.op_type for n in model.graph.node}
-    blocked = [op for op in FP16_BLOCKED_OPS if op in top]
-    # Constant nodes that feed a blocked op (GroupQueryAttention's cos / sin caches) stay float32 too.
-    producer = {o: n for n in model.graph.node for o in n.output}
-    consts = {producer[x].name for n in model.graph.node if n.op_type in blocked for x in n.input
-              if x in producer and producer[x].op_type == "Constant"}
-    # The converter casts around a blocked node only where it knows the tensors' types: onnx's
-    # shape inference stops at onnxruntime's contrib ops (the fused graphs), so onnxruntime's
-    # symbolic shape inference, which knows them, types the graph first.
-    model = _typed(model)
-    with _quiet():
-        return convert_float_to_float16(model, keep_io_types=list(keep_float32), disable_shape_infer=True,
-                                        node_block_list=sorted(plan.router_nodes | consts),
-                                        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + blocked)
+    g = model.graph
+    by_name = {n.name: n for n in g.node}
+    names = {by_name[n].input[1] for n in plan.weight_matmuls} | {by_name[n].input[0] for n in plan.embedding}
+    casts = []
+    for t in list(g.initializer):
+        if t.name not in names or t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name + "_fp16")
+        g.initializer.remove(t)
+        g.initializer.append(half)
+        casts.append(onnx.helper.make_node("Cast", [half.name], [t.name], name=f"milora_fp16/{t.name}",
+                                           to=onnx.TensorProto.FLOAT))
+    for i, node in enumerate(casts):
+        g.node.insert(i, node)
+    return model
 
 
 def int8_dynamic(model: onnx.ModelProto, plan: Plan, opts: Any, scratch_root: Path) -> onnx.ModelProto:

@@ -251,7 +251,8 @@ def high_precision(opts: QuantizeOptions) -> dict[str, str]:
            "routers": "float32: a rounded router logit can flip a top-k choice and change which experts run",
            "gates, KV cache, graph IO": "float32: the runtime's contract with every export is unchanged"}
     if opts.precision == "fp16":
-        out["norms, softmax, attention internals"] = "onnxruntime's float16 converter keeps its default block list float32"
+        out["compute"] = ("float32: base weights are stored float16 and cast to float32 when the session loads "
+                          "(onnxruntime's CPU provider lacks float16 kernels the graphs use; docs/quantization.md)")
     else:
         out["norms, attention, softmax, residuals"] = "float32: only weight MatMuls (and the embedding) are quantized"
     if not opts.lm_head:
@@ -272,8 +273,7 @@ def quantize_graph(model: onnx.ModelProto, graph: str, manifest: dict[str, Any],
         plan.embedding = []
     summary = plan.summary()
     if opts.precision == "fp16":
-        keep = [v.name for v in list(model.graph.input) + list(model.graph.output)]
-        out = qp.to_fp16(model, plan, keep)
+        out = qp.to_fp16(model, plan)
     elif opts.precision == "int8-dynamic":
         out = qp.int8_dynamic(model, plan, opts, scratch)
     elif opts.precision == "int4":
