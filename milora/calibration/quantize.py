@@ -66,8 +66,8 @@ class QuantizeOptions:
     threshold: float = 0.99
     force_agreement: bool = False
     # tenant -> built-in task: score each on the task's test split, source and quantized (needs
-    # a tokenizer in OUT_DIR; multiple-choice tasks are scored torch-free with the runtime,
-    # math tasks use milora.train.eval's answer extraction, which imports torch)
+    # a tokenizer in OUT_DIR; scored through the runtime's scoring, torch-free: options by
+    # log-likelihood, math tasks by greedy generation and the answer's final number)
     eval_tasks: dict[str, str] = dataclasses.field(default_factory=dict)
     eval_samples: int = 20
     force: bool = False  # replace a non-empty QUANT_DIR

@@ -131,6 +131,7 @@ def evaluate_math_many(engine, tenants: Sequence[str | None], items, max_new_tok
     if unknown:
         raise TenantError(f"unknown tenant(s) {unknown}; this engine serves: {', '.join(engine.tenants.names())}")
     params = SamplingParams(max_new_tokens=max_new_tokens)  # temperature 0: greedy
+    chat = chat and bool(engine.bundle.chat_template)  # as evaluate_mc: a plain prompt without a template
     reqs = [[engine.submit(t, messages=[{"role": "user", "content": ex.prompt}], params=params) if chat
              else engine.submit(t, prompt=ex.prompt + "\n", params=params) for ex in items] for t in tenants]
     engine.run_until_done()
