@@ -10,7 +10,7 @@ reference, then microbenchmarks, in under 5 minutes on a CUDA machine with torch
    and edge cases (no active row, all rows active, one row, a NaN in one tenant's bank, a NaN
    gate, slot-0 rows bit for bit), each against milora.plugins.torch_ops.plugin_contract
    (float64), which equals milora.export.routed_lora.routed_lora_reference on healthy inputs.
-2. Microbenchmarks, per decoder layer of 7 modules (hidden x hidden each, the issue's shape),
+2. Microbenchmarks, per decoder layer of 7 modules (hidden x hidden each),
    B rows of T = 1 token, each row its own tenant, k of 7 modules routed on per row:
      routed   the routed kernel, in place, once per module (what the TensorRT plugin runs)
      dense    the dense 7-module LoRA: gather A and B of every row, bmm, bmm (the "dense"

@@ -1,5 +1,5 @@
-"""milora against its peers on SmolLM2-135M-Instruct, side by side in ONE run (issue 13, item 5;
-not run in CI). Writes a BENCHMARKS.md-ready table, benchmarks/results/peers.json and PNG charts.
+"""milora against its peers on SmolLM2-135M-Instruct, side by side in ONE run (not
+run in CI). Writes a BENCHMARKS.md-ready table, benchmarks/results/peers.json and PNG charts.
 
     python benchmarks/peers.py [--quick] [--rounds 3] [--work-dir DIR] [--genai-venv V --genai-model M]
         [--optimum-venv V] [--from-json benchmarks/results/peers.json]
@@ -546,7 +546,7 @@ def report(result: dict) -> str:
                   f"measured read bandwidth = {fl['step_ms']:.1f} ms per step: at most "
                   f"{fl['tok_s_b1']:.1f} tok/s at B=1, {fl['tok_s_b8']:.1f} at B=8 (weights only; KV reads add to it)."]
     lines += ["", "Greedy tokens, milora base vs genai: " + "; ".join(result["token_check"])]
-    lines += ["", "Targets (issue 13):"]
+    lines += ["", "Targets:"]
     for check in targets(records):
         lines.append(f"- {check}")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """Decode throughput and time to first token of the milora runtime on SmolLM2-135M, side by
-side in one process (issue: runtime on onnxruntime; numbers go to BENCHMARKS.md as ratios).
+side in one process (numbers go to BENCHMARKS.md as ratios).
 
     python benchmarks/runtime_smollm2.py [--tokens 32] [--repeats 3] [--json out.json]
 
