@@ -168,9 +168,10 @@ def quantize(out_dir: str | Path, quant_dir: str | Path, options: QuantizeOption
 
 
 def _bar(opts: QuantizeOptions, total: int):
-    from tqdm import tqdm
+    from milora.progress import progress
 
-    return tqdm(total=total, desc="milora-quantize", unit="step", disable=None if opts.progress else True, leave=False)
+    # A bar on a terminal; in a log a line per sub-step and one at the end (as milora-export).
+    return progress(total, "milora-quantize", "step", enabled=opts.progress, every=total)
 
 
 def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: QuantizeOptions,
@@ -188,14 +189,14 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
         if opts.precision in ("int8-static", "fp8"):
             from milora.calibration.calibrate import calibration_set
 
-            bar.set_postfix_str("calibrating")
+            bar.set_description("calibrating")
             calib = calibration_set(out_dir, src, opts, uniform=opts.precision == "fp8")
         bar.update()
         weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
         kept: dict[str, Any] = {}
         try:
             for graph in ("prefill", "decode"):
-                bar.set_postfix_str(f"quantizing {graph}")
+                bar.set_description(f"quantizing {graph}")
                 model = onnx.load(str(out_dir / src["graphs"][graph]["file"]), load_external_data=True)
                 model, summary = quantize_graph(model, graph, src, opts, calib, tmp)
                 if transform is not None:
@@ -218,7 +219,7 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
         if opts.report:  # (tensorrt: the Q/DQ graph run by onnxruntime, i.e. simulated quantization)
             from milora.calibration.agreement import agreement_report, check_agreement
 
-            bar.set_postfix_str("agreement report")
+            bar.set_description("agreement report")
             mf.write_manifest(tmp, manifest)  # the report opens tmp as an export (rewritten below)
             report = agreement_report(out_dir, tmp, src, opts)
             quant["agreement"] = report["summary"]
