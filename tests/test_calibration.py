@@ -14,7 +14,8 @@ import onnx
 import pytest
 
 from milora.calibration import calibrate
-from milora.calibration import feeds as fd
+from milora.calibration.feeds import session
+from milora.format import feeds as fd
 from milora.calibration.agreement import agreement_report
 from milora.calibration.quantize import QuantizeOptions, quantize
 from milora.errors import AgreementError
@@ -168,7 +169,7 @@ def test_calibration_is_routing_aware_and_decode_uses_real_prefill_kv(exported):
     # prefill batches mix tenants
     assert any(len(set(f[mf.TENANT_SLOTS].tolist())) > 1 for f in cs.prefill)
     # the first decode feeds continue the first prefill batch: its past KV is that prefill's present
-    sess = fd.session(out_dir / m["graphs"]["prefill"]["file"])
+    sess = session(out_dir / m["graphs"]["prefill"]["file"])
     out = fd.run(sess, cs.prefill[0])
     first = cs.decode[0]
     key, present = mf.past_key(0), out[mf.present_key(0)]

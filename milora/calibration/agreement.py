@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from milora.calibration import feeds as fd
+from milora.calibration.feeds import session
+from milora.format import feeds as fd
 from milora.calibration import graph as cg
 from milora.errors import AgreementError
 from milora.format import manifest as mf
@@ -50,7 +51,7 @@ def router_logits_session(root: Path, manifest: dict[str, Any]):
     for t in names:
         if t not in have:
             model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    return fd.session(model.SerializeToString()), plan.router_logits
+    return session(model.SerializeToString()), plan.router_logits
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -106,8 +107,8 @@ def agreement_report(src_dir: Path, quant_dir: Path, manifest: dict[str, Any], o
     nl = manifest["base"]["num_layers"]
     src_prefill, logit_names = router_logits_session(src_dir, manifest)
     sess = sessions or {}
-    src = {"prefill": src_prefill, "decode": sess.get("src_decode") or fd.session(src_dir / manifest["graphs"]["decode"]["file"])}
-    qnt = {g: fd.session(quant_dir / manifest["graphs"][g]["file"]) for g in ("prefill", "decode")}
+    src = {"prefill": src_prefill, "decode": sess.get("src_decode") or session(src_dir / manifest["graphs"]["decode"]["file"])}
+    qnt = {g: session(quant_dir / manifest["graphs"][g]["file"]) for g in ("prefill", "decode")}
     rows = [(t, p) for t in sorted(prompts) for p in prompts[t]]
     tallies = {t: _Tally() for t in prompts}
     for start in range(0, len(rows), BATCH):

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from milora.calibration import feeds as fd
+from milora.calibration.feeds import session
+from milora.format import feeds as fd
 from milora.errors import QuantizeError
 from milora.format import manifest as mf
 from milora.format.pack import assemble_banks, default_slots
@@ -207,8 +208,8 @@ def calibration_set(out_dir: Path, manifest: dict[str, Any], opts, uniform: bool
         pool = _random_prompts(manifest, pool_n, opts.seed)
     slots = default_slots(manifest)
     banks = assemble_banks(out_dir, manifest, slots)
-    prefill = fd.session(out_dir / manifest["graphs"]["prefill"]["file"])
-    decode = fd.session(out_dir / manifest["graphs"]["decode"]["file"])
+    prefill = session(out_dir / manifest["graphs"]["prefill"]["file"])
+    decode = session(out_dir / manifest["graphs"]["decode"]["file"])
     # the routing of every candidate, per tenant (batched by tenant)
     paths: dict[str, list[set]] = {}
     for t in tenants:

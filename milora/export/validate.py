@@ -27,8 +27,8 @@ import torch
 
 from milora.format.contract import NUM_EXPERTS
 from milora.errors import ValidationError
+from milora.format import feeds as fd
 from milora.format import manifest as mf
-from milora.format.padding import left_pad, right_pad
 from milora.format.tolerances import margin, tolerance
 from milora.format.pack import assemble_banks, default_slots
 
@@ -172,72 +172,34 @@ def sessions(root: Path, manifest: dict[str, Any], python_op: bool = False) -> d
 
 
 def run_graphs(root: Path, manifest: dict[str, Any], rows: list[Row], sess: dict[str, Any]) -> dict[str, Any]:
-    """Prefill the rows as one left-padded batch, then decode len(rows[0].decode) steps."""
-    if manifest.get("flavour") == mf.FLAVOUR_FUSED:
-        return run_fused_graphs(root, manifest, rows, sess)
+    """Prefill the rows as one batch, then decode len(rows[0].decode) steps, fed as the runtime
+    feeds each flavour (milora.format.feeds). The results are laid out as the portable graphs
+    lay them out (KV and mask left-padded), so compare() reads both flavours alike."""
     slots = default_slots(manifest)
     banks = assemble_banks(root, manifest, slots)
     slot_of = {name: s for s, name in enumerate(slots) if name is not None}
-    nl, b = manifest["base"]["num_layers"], len(rows)
-    ids, mask = left_pad([r.prompt for r in rows], PAD_ID)
-    tenant_slots = np.array([0 if r.tenant is None else slot_of[r.tenant] for r in rows], np.int64)
-    feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: tenant_slots}
-    out = _run(sess["prefill"], feeds, banks, "prefill")
-    res = {"mask": mask, "prefill": out, "decode": []}
-    past, gates = out, out[mf.GATES]
-    for step in range(len(rows[0].decode)):
-        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
-        feeds = {mf.INPUT_IDS: np.array([[r.decode[step]] for r in rows], np.int64), mf.ATTENTION_MASK: mask,
-                 mf.TENANT_SLOTS: tenant_slots, mf.GATES: gates}
-        for i in range(nl):
-            feeds[mf.past_key(i)], feeds[mf.past_value(i)] = past[mf.present_key(i)], past[mf.present_value(i)]
-        past = _run(sess["decode"], feeds, banks, "decode")
-        res["decode"].append(past)
-    res["final_mask"] = mask
-    return res
+    tenant_slots = [0 if r.tenant is None else slot_of[r.tenant] for r in rows]
+    batch = fd.prefill_feeds(manifest, [r.prompt for r in rows], tenant_slots, banks, pad_id=PAD_ID)
+    out = fd.run(sess["prefill"], batch.feeds)
+    steps = len(rows[0].decode)
+    decoded: list[dict[str, np.ndarray]] = []
 
+    def run_step(feeds):
+        decoded.append(fd.run(sess["decode"], feeds))
+        return decoded[-1]
 
-def run_fused_graphs(root: Path, manifest: dict[str, Any], rows: list[Row], sess: dict[str, Any]) -> dict[str, Any]:
-    """The fused flavour: prefill right-padded, decode with per-row lengths in KV buffers and
-    per-batch LoRA inputs (format/lora_batch.py). The results are laid out as run_graphs lays
-    out the portable ones (KV and mask left-padded), so compare() reads both alike."""
-    from milora.format import lora_batch
-
-    slots = default_slots(manifest)
-    banks = assemble_banks(root, manifest, slots)
-    slot_of = {name: s for s, name in enumerate(slots) if name is not None}
-    base, b = manifest["base"], len(rows)
-    nl, steps = base["num_layers"], len(rows[0].decode)
-    lens = np.array([len(r.prompt) for r in rows])
-    t = int(lens.max())
-    ids, right = right_pad([r.prompt for r in rows], PAD_ID)
-    tenant_slots = np.array([0 if r.tenant is None else slot_of[r.tenant] for r in rows], np.int64)
-    out = _run(sess["prefill"], {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: right, mf.TENANT_SLOTS: tenant_slots},
-               banks, "prefill")
-    kv_names = [n for l in range(nl) for n in (mf.present_key(l), mf.present_value(l))]
-    cap = t + steps
-    bufs = {}
-    for n in kv_names:  # [B, Hkv, cap, D]: each row's prompt KV at 0..len-1
-        bufs[n] = np.zeros((b, base["num_kv_heads"], cap, base["head_dim"]), out[n].dtype)
-        bufs[n][:, :, :t] = out[n]
-    prefill = dict(out, **{n: _left(out[n], lens, t) for n in kv_names})
-    res = {"mask": _left_mask(lens, t), "prefill": prefill, "decode": []}
-    decode_inputs = {i.name for i in sess["decode"].get_inputs()}
-    lora = lora_batch.build(banks, tenant_slots, out[mf.GATES], base, manifest["max_rank"], manifest["dtype"])
-    lora = {k: v for k, v in lora.items() if k in decode_inputs}
-    for step in range(steps):
-        cur = lens + step  # tokens each row holds before this step
-        feeds = {mf.INPUT_IDS: np.array([[r.decode[step]] for r in rows], np.int64),
-                 mf.SEQLENS_K: cur.astype(np.int32), mf.TOTAL_SEQUENCE_LENGTH: np.array(cur.max() + 1, np.int32),
-                 **lora}
-        for l in range(nl):
-            feeds[mf.past_key(l)], feeds[mf.past_value(l)] = bufs[mf.present_key(l)], bufs[mf.present_value(l)]
-        names = [o.name for o in sess["decode"].get_outputs()]
-        step_out = dict(zip(names, sess["decode"].run(names, feeds)))
-        bufs = {n: step_out[n] for n in kv_names}
-        res["decode"].append(dict(step_out, **{n: _left(step_out[n], cur + 1, t + step + 1) for n in kv_names}))
-    res["final_mask"] = _left_mask(lens + steps, t + steps)
-    return res
+    for _ in fd.decode_feeds(manifest, batch, out, banks, steps, lambda s: [r.decode[s] for r in rows], run_step):
+        pass
+    lens, t = batch.lens, int(batch.lens.max())
+    if not fd.is_fused(manifest):  # already the portable layout
+        mask = batch.feeds[mf.ATTENTION_MASK]
+        return {"mask": mask, "prefill": out, "decode": decoded,
+                "final_mask": np.concatenate([mask, np.ones((len(rows), steps), np.int64)], axis=1)}
+    kv_names = [n for l in range(manifest["base"]["num_layers"]) for n in (mf.present_key(l), mf.present_value(l))]
+    return {"mask": _left_mask(lens, t), "prefill": dict(out, **{n: _left(out[n], lens, t) for n in kv_names}),
+            "decode": [dict(o, **{n: _left(o[n], lens + s + 1, t + s + 1) for n in kv_names})
+                       for s, o in enumerate(decoded)],
+            "final_mask": _left_mask(lens + steps, t + steps)}
 
 
 def _left(kv: np.ndarray, lens: np.ndarray, width: int) -> np.ndarray:
@@ -251,12 +213,6 @@ def _left(kv: np.ndarray, lens: np.ndarray, width: int) -> np.ndarray:
 
 def _left_mask(lens: np.ndarray, width: int) -> np.ndarray:
     return (np.arange(width)[None, :] >= (width - lens)[:, None]).astype(np.int64)
-
-
-def _run(session, feeds: dict[str, np.ndarray], banks: dict[str, np.ndarray], graph: str) -> dict[str, np.ndarray]:
-    feeds = dict(feeds, **{n: banks[n] for n in mf.bank_names(graph)})
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
 
 
 def _selection_ok(report: Report, i: int, row: Row, got: np.ndarray, ref: RowRef, margin_tol: float) -> bool:

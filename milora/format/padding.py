@@ -12,9 +12,11 @@ from typing import Sequence
 import numpy as np
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask), both int64 [len(prompts), longest], prompts right-aligned."""
-    t = max(len(p) for p in prompts)
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), both int64 [len(prompts), length or longest], prompts
+    right-aligned."""
+    t = max(len(p) for p in prompts) if length is None else length
     ids = np.full((len(prompts), t), pad_id, dtype=np.int64)
     mask = np.zeros((len(prompts), t), dtype=np.int64)
     for i, p in enumerate(prompts):
