@@ -98,7 +98,8 @@ def test_quantize_routing_agreement_below_threshold(capsys, tiny_export, tmp_pat
     at --threshold 1.0 it is refused with the numbers; --force-agreement writes it."""
     _, out_dir = tiny_export
     line = fails(capsys, quantize_cli.main, [out_dir, tmp_path / "q", "--precision", "int4", "--threshold", "1.0",
-                                             "--report-prompts", "12", "--report-steps", "1"], "routing agreement with the float32 source is below the "
+                                             "--report-prompts", "12", "--report-steps", "1", "--quiet"],
+                 "routing agreement with the float32 source is below the "
                  "threshold 1.0", "(prompt, layer) selections identical", "nothing was written", "--force-agreement")
     assert "next-token agreement" in line and "KL" in line
     assert nothing_written(tmp_path, "q")
