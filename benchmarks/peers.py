@@ -297,9 +297,16 @@ def make_peft_adapters(base_dir: Path, root: Path, n: int = 8, rank: int = 16) -
 
 
 def export_milora(base_dir: Path, out: Path, adapters: dict[str, Path]) -> Path:
-    if (out / "manifest.json").is_file():
-        return out
+    from milora.errors import ManifestError
     from milora.export.exporter import export
+    from milora.format.manifest import read_manifest
+
+    if (out / "manifest.json").is_file():
+        try:
+            read_manifest(out)  # written by this milora's format (else: export again)
+            return out
+        except ManifestError as e:
+            log(f"{out.name}: {e}; exporting again")
 
     t0 = time.perf_counter()
     export(base_dir, out, adapters={k: str(v) for k, v in adapters.items()}, validate=False, force=True,

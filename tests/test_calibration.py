@@ -54,10 +54,35 @@ def _graph(root, name):
     return onnx.load(str(root / m["graphs"][name]["file"]), load_external_data=True), m
 
 
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul",
+                 "MatMulInteger", "MatMulNBits", "GatherBlockQuantized"}
+
+
+def _is_fused(model: onnx.ModelProto) -> bool:
+    return any(i.name == mf.ROUTE for i in model.graph.input)
+
+
+def _subgraph_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Every node inside the If branches of graph (recursively)."""
+    out = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                out += list(attr.g.node) + _subgraph_nodes(attr.g)
+    return out
+
+
 def _router_ops_float32(model: onnx.ModelProto, vocab: int) -> bool:
-    """Every MatMul of the routers (graph.plan's router nodes) takes float32 on both sides."""
+    """Every MatMul of the routers (graph.plan's router nodes) takes float32 on both sides. The
+    fused graph's routers live in its per-layer If branches: there, no node is a quantized op
+    or a cast to float16 (the router MatMuls read the float32 router.weight bank)."""
     from milora.calibration import graph as cg
 
+    inner = _subgraph_nodes(model.graph)
+    if _is_fused(model):
+        return (any(n.op_type == "MatMul" for n in inner) and not any(n.op_type in QUANTIZED_OPS for n in inner)
+                and not any(n.op_type == "Cast" and a.name == "to" and a.i == onnx.TensorProto.FLOAT16
+                            for n in inner for a in n.attribute))
     cg.name_nodes(model.graph)
     routers = cg.plan(model, vocab).router_nodes
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -120,6 +145,8 @@ def _plant_router_flip(model: onnx.ModelProto, graph: str, plan) -> None:
     picks its LOWEST-scoring experts there."""
     if graph != "prefill":
         return
+    if _is_fused(model):  # the fused graph: layer 0's router is in the first If's branches
+        return _plant_in_branches(model)
     target = plan.router_logits[0]
     assert target is not None, "no router logits found in the quantized prefill graph"
     planted = target + "_planted"
@@ -134,6 +161,42 @@ def _plant_router_flip(model: onnx.ModelProto, graph: str, plan) -> None:
     nodes.insert(producer + 1, nodes.pop())
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+
+
+def _branch_reading(graph: onnx.GraphProto, name: str) -> onnx.GraphProto | None:
+    """The first (depth-first) If branch under graph with a node reading `name` directly."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                if any(name in n.input for n in attr.g.node):
+                    return attr.g
+                found = _branch_reading(attr.g, name)
+                if found is not None:
+                    return found
+    return None
+
+
+def _plant_in_branches(model: onnx.ModelProto) -> None:
+    """Negate the output of layer 0's router MatMul (the MatMul fed by the router.weight bank,
+    inside the fused graph's first If) in place."""
+    branch = _branch_reading(model.graph, mf.ROUTER_WEIGHT)
+    assert branch is not None, "no router in the fused graph's branches"
+    reached = {o for n in branch.node if mf.ROUTER_WEIGHT in n.input for o in n.output}
+    nodes = list(branch.node)
+    for i, node in enumerate(nodes):
+        if any(x in reached for x in node.input):
+            if node.op_type == "MatMul":
+                target, planted = node.output[0], node.output[0] + "_planted"
+                for other in nodes[i + 1:]:
+                    other.input[:] = [planted if x == target else x for x in other.input]
+                for out in branch.output:
+                    assert out.name != target
+                nodes.insert(i + 1, onnx.helper.make_node("Neg", [target], [planted], name="planted_router_flip"))
+                del branch.node[:]
+                branch.node.extend(nodes)
+                return
+            reached.update(node.output)
+    raise AssertionError("no router MatMul after the router.weight gather")
 
 
 def test_planted_router_perturbation_is_caught_and_refused(exported, tmp_path):

@@ -125,30 +125,23 @@ def fused(tmp_path_factory):
 
 
 def _fused_run(out, manifest, banks):
-    """Prefill rows [alpha, beta] right-padded, then one decode step through the runtime's own
-    per-batch LoRA builder: (prefill outputs, decode outputs)."""
+    """Prefill rows [alpha, beta] right-padded (the graph routes and builds its LoRA rows), then
+    one decode step through the runtime's own per-batch LoRA builder (format.feeds feeds both
+    phases of the one graph as the runtime does): (prefill outputs, decode outputs)."""
     import onnxruntime as ort
 
-    from milora.format import lora_batch
+    from milora.format import feeds as fd
 
-    sess = {g: ort.InferenceSession(str(out / manifest["graphs"][g]["file"]), providers=["CPUExecutionProvider"])
-            for g in ("prefill", "decode")}
+    sess = ort.InferenceSession(str(out / manifest["graphs"]["prefill"]["file"]), providers=["CPUExecutionProvider"])
     slots = default_slots(manifest)
-    tenant_slots = np.array([slots.index("alpha"), slots.index("beta")], np.int64)
-    ids = np.array([[5, 17, 33, 8, 0, 0], [9, 41, 2, 77, 13, 60]], np.int64)  # row 0 right-padded
-    mask = (ids != 0).astype(np.int64)
-    pre = _run(sess, "prefill", {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: tenant_slots}, banks)
-    lengths = mask.sum(1)
-    feeds = {mf.INPUT_IDS: np.array([[4], [5]], np.int64), mf.SEQLENS_K: lengths.astype(np.int32),
-             mf.TOTAL_SEQUENCE_LENGTH: np.array(lengths.max() + 1, np.int32),
-             **lora_batch.build(banks, tenant_slots, pre[mf.GATES], manifest["base"], manifest["max_rank"], "float32")}
-    for i in range(manifest["base"]["num_layers"]):
-        for past, present in ((mf.past_key(i), mf.present_key(i)), (mf.past_value(i), mf.present_value(i))):
-            buf = np.zeros((2, *pre[present].shape[1:2], 8, pre[present].shape[3]), np.float32)
-            buf[:, :, :6] = pre[present]
-            feeds[past] = buf
-    names = [o.name for o in sess["decode"].get_outputs()]
-    return pre, dict(zip(names, sess["decode"].run(names, feeds)))
+    tenant_slots = [slots.index("alpha"), slots.index("beta")]
+    batch = fd.prefill_feeds(manifest, [[5, 17, 33, 8], [9, 41, 2, 77, 13, 60]], tenant_slots, banks, capacity=8)
+    pre = fd.run(sess, batch.feeds)
+    decoded = []
+    for feeds in fd.decode_feeds(manifest, batch, pre, banks, 1, lambda s: [4, 5],
+                                 lambda feeds: decoded.append(fd.run(sess, feeds)) or decoded[-1]):
+        pass
+    return pre, decoded[0]
 
 
 def test_fused_flavour_keeps_a_poisoned_row_in_its_row(fused):

@@ -42,7 +42,10 @@ BATCH = 8
 
 
 def router_logits_session(root: Path, manifest: dict[str, Any]):
-    """A session of root's prefill graph that also outputs each layer's router logits."""
+    """A session of root's prefill graph that also outputs each layer's router logits (the fused
+    graph has them as an output: a plain session)."""
+    if any(o["name"] == mf.ROUTER_LOGITS for o in manifest["graphs"]["prefill"]["outputs"]):
+        return session(root / manifest["graphs"]["prefill"]["file"]), []
     model = onnx.load(str(root / manifest["graphs"]["prefill"]["file"]), load_external_data=True)
     cg.name_nodes(model.graph)
     plan = cg.plan(model, manifest["base"]["vocab_size"])
@@ -107,8 +110,11 @@ def agreement_report(src_dir: Path, quant_dir: Path, manifest: dict[str, Any], o
     nl = manifest["base"]["num_layers"]
     src_prefill, logit_names = router_logits_session(src_dir, manifest)
     sess = sessions or {}
-    src = {"prefill": src_prefill, "decode": sess.get("src_decode") or session(src_dir / manifest["graphs"]["decode"]["file"])}
-    qnt = {g: session(quant_dir / manifest["graphs"][g]["file"]) for g in ("prefill", "decode")}
+    one = manifest["graphs"]["prefill"]["file"] == manifest["graphs"]["decode"]["file"]  # fused: one graph
+    src = {"prefill": src_prefill, "decode": src_prefill if one else
+           sess.get("src_decode") or session(src_dir / manifest["graphs"]["decode"]["file"])}
+    qnt = {"prefill": session(quant_dir / manifest["graphs"]["prefill"]["file"])}
+    qnt["decode"] = qnt["prefill"] if one else session(quant_dir / manifest["graphs"]["decode"]["file"])
     rows = [(t, p) for t in sorted(prompts) for p in prompts[t]]
     tallies = {t: _Tally() for t in prompts}
     for start in range(0, len(rows), BATCH):
@@ -191,7 +197,9 @@ def _routing(tallies, names, chunk, manifest, s_out, q_out, logit_names, nl, sta
         for layer in range(nl):
             name = logit_names[layer] if layer < len(logit_names) else None
             m = np.inf
-            if name is not None and name in s_out:
+            if mf.ROUTER_LOGITS in s_out:  # the fused graph outputs them
+                m = float(margins(s_out[mf.ROUTER_LOGITS][i:i + 1, layer], experts, k)[0])
+            elif name is not None and name in s_out:
                 z = s_out[name].reshape(len(names), -1)
                 if z.shape[1] == 7:
                     m = float(margins(z[i:i + 1], experts, k)[0])

@@ -149,7 +149,9 @@ class CalibrationSet:
     def reader(self, graph: str):
         from onnxruntime.quantization import CalibrationDataReader
 
-        items = self.prefill if graph == "prefill" else self.decode
+        # One graph for both phases (the fused flavour): it is calibrated on the feeds of both.
+        one = self.inputs["prefill"] == self.inputs["decode"]
+        items = self.prefill + self.decode if one else self.prefill if graph == "prefill" else self.decode
         wanted = self.inputs[graph]
 
         class Reader(CalibrationDataReader):

@@ -29,10 +29,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from milora.calibration.graph import Plan
 from milora.errors import QuantizeError
+from milora.format import manifest as mf
 
 
 @contextlib.contextmanager
@@ -191,11 +193,10 @@ def _unquantize_other_consumers(model: onnx.ModelProto, targets: set[str]) -> No
 def check_io(model: onnx.ModelProto, io: dict[str, Any], graph: str) -> None:
     """The quantized graph's inputs and outputs are the manifest's, name for name and type for
     type (a bug guard: the runtime binds by these)."""
-    types = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int64": onnx.TensorProto.INT64,
-             "int32": onnx.TensorProto.INT32}
     for side, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
         got = [(v.name, v.type.tensor_type.elem_type) for v in values]
-        want = [(s["name"], types[s["dtype"]]) for s in io[side]]
+        want = [(s["name"], onnx.helper.np_dtype_to_tensor_dtype(np.dtype(mf.NP_DTYPES[s["dtype"]])))
+                for s in io[side]]
         if got != want:
             diff = [(g, w) for g, w in zip(got, want) if g != w][:3] or (len(got), len(want))
             raise QuantizeError(f"the quantized {graph} graph's {side} differ from the manifest's contract "

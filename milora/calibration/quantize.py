@@ -196,6 +196,10 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
         kept: dict[str, Any] = {}
         try:
             for graph in ("prefill", "decode"):
+                if graph == "decode" and src["graphs"]["decode"]["file"] == src["graphs"]["prefill"]["file"]:
+                    kept[graph] = kept["prefill"]  # the fused flavour: one graph for both phases, done
+                    bar.update()
+                    continue
                 bar.set_description(f"quantizing {graph}")
                 model = onnx.load(str(out_dir / src["graphs"][graph]["file"]), load_external_data=True)
                 model, summary = quantize_graph(model, graph, src, opts, calib, tmp)
@@ -209,7 +213,9 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
         finally:
             weights.close()
         manifest = dict(src)
-        manifest["graphs"] = {g: dict(src["graphs"][g], external_initializers=weights.tables[g]) for g in src["graphs"]}
+        manifest["graphs"] = {g: dict(src["graphs"][g], external_initializers=weights.tables[g if g in weights.tables
+                                                                                   else "prefill"])
+                              for g in src["graphs"]}
         quant = {"precision": opts.precision, "target": opts.target, "options": _recorded_options(opts),
                  "graphs": kept, "high_precision": high_precision(opts),
                  "calibration": calib.coverage if calib is not None else None,

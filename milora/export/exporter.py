@@ -175,14 +175,20 @@ def _export_into(model_dir: Path, tmp: Path, found: dict[str, Path], opts: Expor
     lowering = "tensorrt" if opts.target == "tensorrt" else opts.lora_lowering
     weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
     try:
-        for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
-            bar.set_description(f"exporting {graph}")
-            export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering, weights, fused)
+        traced = set()
+        for graph in ("prefill", "decode"):
+            file = manifest["graphs"][graph]["file"]
+            if file not in traced:  # the fused flavour: one graph for both phases
+                bar.set_description(f"exporting {graph if fused is None else 'the graph'}")
+                export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering, weights, fused)
+                traced.add(file)
             bar.update()
     finally:
         weights.close()
+    first = {}
     for graph in ("prefill", "decode"):
-        manifest["graphs"][graph]["external_initializers"] = weights.tables[graph]
+        file = manifest["graphs"][graph]["file"]
+        manifest["graphs"][graph]["external_initializers"] = weights.tables[first.setdefault(file, graph)]
     for name in mf.TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, tmp / name)
@@ -238,6 +244,8 @@ def _manifest(model_dir: Path, base: dict, tenants: list, slots: int, max_rank: 
 
     graphs = {}
     for graph, file in (("prefill", mf.PREFILL_FILE), ("decode", mf.DECODE_FILE)):
+        if opts.flavour == mf.FLAVOUR_FUSED:
+            file = mf.MODEL_FILE  # one graph, both phases
         graphs[graph] = dict(file=file, data_file=mf.WEIGHTS_FILE, **mf.graph_io(
             graph, base, max_rank, opts.dtype, opts.prefill_logits, opts.flavour, lora=opts.lora_lowering != "none"))
     tenant_info = {}

@@ -1,6 +1,7 @@
 """The fused flavour's export-side model: the same decoder as BankModel, written with
-onnxruntime's fused operators (fused_ops.py) and packed projections, traced into
-prefill_fused / decode graphs that onnxruntime runs with few nodes and KV updated in place.
+onnxruntime's fused operators (fused_ops.py) and packed projections, traced into ONE graph
+that serves both phases (so onnxruntime loads and prepacks the weights once), with few nodes
+and KV updated in place.
 
 Shape legend: B rows, T new tokens, M KV capacity, L layers, d hidden, D head dim, H / Hkv
 heads, I intermediate size, n rows using a LoRA group, r its rank.
@@ -15,12 +16,21 @@ One layer (x = the normed residual stream; the residual itself is what the route
     gu      = x @ W_gate_up [d, 2I]                               + LoRA update of gate, up
     out     = (silu(gate) * up) @ W_down                          + LoRA update of down
 
-LoRA updates: prefill routes in the graph (routers per layer, as BankModel) and adds each
-module's update with the routed LoRA op (lowered like the portable graphs); decode takes
-per-batch inputs (format/lora_batch.py): y[rows] += (x[rows] @ A) @ B per layer and group
-(rows_lora: 4 nodes). The prefill's packed q|k|v is split for the routed LoRA op of each
-module and concatenated back (prefill runs once per prompt; decode is where nodes count).
-Prompts are right-padded (row b's tokens first): GroupQueryAttention keeps per-row lengths.
+LoRA updates, both phases: y[rows] += (x[rows] @ A) @ B per layer and group (rows_lora: 4
+nodes), A and B holding the rows' selected modules with their gates folded in. Where rows, A
+and B come from is the graph's one branch per layer, an If on the ROUTE input:
+
+    route (prefill)  the layer's routers run on the hidden state entering the layer (as
+                     BankModel; skipped by an inner If when no row has a routed tenant, the
+                     gates are then the slots' fixed gates), and rows / A / B are built from the
+                     banks: rows that use a module of the group, A = the group's lora_A side
+                     by side, B = the gated lora_B blocks in their output columns
+    decode           the lora.{l}.{g}.* inputs (format/lora_batch.py, built once per batch by
+                     the runtime from the prefill's gates); the If just passes them on
+
+so a decode step runs no router and no bank gather, and a batch of base rows (no routed
+tenant) runs no router in prefill either. Prompts are right-padded (row b's tokens first):
+GroupQueryAttention keeps per-row lengths; a prefill writes the KV buffers from position 0.
 """
 
 from __future__ import annotations
@@ -31,11 +41,10 @@ from torch import Tensor, nn
 
 from milora.errors import UnsupportedModelError
 from milora.export.bank_model import BankModel
-from milora.export.fused_ops import gqa, rms_norm, rows_lora, skip_rms_norm
-from milora.export.routed_lora import RoutedLoraOp
+from milora.export.fused_ops import gqa, rms_norm, rows_lora, select, skip_rms_norm
 from milora.export.router_graph import route_layer
 from milora.format import manifest as mf
-from milora.format.contract import EXPERT_INDEX
+from milora.format.contract import EXPERT_INDEX, NUM_EXPERTS
 
 DEFAULT_MAX_POSITIONS = 4096  # rotary cache length when the config names none
 
@@ -76,16 +85,11 @@ class FusedCore(nn.Module):
                                                requires_grad=False))  # [2I, d]
         self.layout = mf.lora_group_layout(self.base)
 
-    def _split(self, y: Tensor, group: str) -> list[Tensor]:
-        widths = [w for _, w in self.layout[group][2].values()]
-        return list(torch.split(y, widths, dim=-1)) if len(widths) > 1 else [y]
-
-    def run(self, ids: Tensor, seqlens_k: Tensor, total: Tensor, past: list[tuple[Tensor, Tensor]] | None,
-            lora, last: Tensor | None = None):
+    def run(self, ids: Tensor, seqlens_k: Tensor, total: Tensor, past: list[tuple[Tensor, Tensor]], lora,
+            index: Tensor):
         """lora(l, group, x, y, res) -> y (the group's packed projection of x) with layer l's LoRA
         update added; res is the hidden state entering layer l (what its router reads).
-        past None: prefill (empty past).
-        last [B] int: the positions whose logits are wanted (prefill: each row's last token)."""
+        past: the KV buffers per layer; index [B, P]: the positions whose logits are wanted."""
         nh, nkv, hd = self.base["num_heads"], self.base["num_kv_heads"], self.base["head_dim"]
         res = self.core.hf.model.embed_tokens(ids)  # [B, T, d]
         out, presents = None, []
@@ -99,12 +103,7 @@ class FusedCore(nn.Module):
             if self.qkv_b[l] is not None:
                 qkv = qkv + self.qkv_b[l]
             qkv = lora(l, "qkv", x, qkv, res)
-            if past is None:
-                b = ids.shape[0]
-                empty = torch.zeros(b, nkv, 0, hd, dtype=res.dtype)
-                pk, pv = empty, empty
-            else:
-                pk, pv = past[l]
+            pk, pv = past[l]
             a, k_out, v_out = gqa(qkv, pk, pv, seqlens_k, total, self.cos_cache, self.sin_cache, nh, nkv, hd)
             presents += [k_out, v_out]
             o = lora(l, "o", a, layer.self_attn.o_proj(a), res)
@@ -114,64 +113,79 @@ class FusedCore(nn.Module):
             act = F.silu(gate) * up
             out = lora(l, "down", act, layer.mlp.down_proj(act), res)
         norm = self.core.hf.model.norm
-        h, _ = skip_rms_norm(res, out, norm.weight, norm.variance_epsilon)  # [B, T, d]
-        if last is not None:
-            h = torch.gather(h, 1, last[:, None, None].expand(-1, 1, h.shape[2]))  # [B, 1, d]
+        h = torch.gather(res + out, 1, index[:, :, None].expand(-1, -1, res.shape[2]))  # [B, P, d]
+        h = rms_norm(h, norm.weight, norm.variance_epsilon)
         return self.core.hf.lm_head(h), presents
 
 
-class FusedPrefillGraph(nn.Module):
-    """(input_ids, attention_mask [right padding], tenant_slots, *banks) ->
-    (logits [B, 1, V] at each row's last token, *present [B, Hkv, T, D], gates [B, L, 7])."""
-
-    def __init__(self, fused: FusedCore):
-        super().__init__()
-        self.fused = fused
-        self.bank_names = mf.bank_names("prefill")
-
-    def forward(self, input_ids, attention_mask, tenant_slots, *banks):
-        f, bank = self.fused, dict(zip(self.bank_names, banks))
-        lengths = attention_mask.sum(-1)  # [B]
-        seqlens_k = (lengths - 1).to(torch.int32)
-        total = torch.tensor(input_ids.shape[1], dtype=torch.int32)
-        mask = attention_mask.bool()
-        layer_gates = []
-
-        def lora(l, group, x, y, entering):
-            if group == "qkv":  # the router of layer l reads the hidden state entering it
-                layer_gates.append(route_layer(entering, mask, tenant_slots, bank, l))  # [B, 7]
-            gates_l = layer_gates[l]
-            parts = [RoutedLoraOp.apply(x, part, bank[mf.lora_a_bank(m)], bank[mf.lora_b_bank(m)], tenant_slots,
-                                        gates_l, l, EXPERT_INDEX[m])
-                     for m, part in zip(f.layout[group][2], f._split(y, group))]
-            return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-        logits, presents = f.run(input_ids, seqlens_k, total, None, lora, last=lengths - 1)
-        return (logits, *presents, torch.stack(layer_gates, dim=1))
+def prefill_rows(gates: Tensor, slots: Tensor, banks: dict[str, Tensor], l: int, layout) -> list[Tensor]:
+    """rows, A, B of each LoRA group of layer l (manifest.LORA_GROUPS order) from the layer's
+    gates [B, 7]: the prefill's counterpart of format/lora_batch.build (every module of the
+    group side by side, rank |g| x R, instead of only the selected ones)."""
+    out = []
+    for g, modules in mf.LORA_GROUPS:
+        _, d_out, cols = layout[g]
+        gm = gates[:, [EXPERT_INDEX[m] for m in modules]]  # [B, |g|]
+        used = (gm != 0).to(gates.dtype).amax(-1) > 0  # NaN != 0: a corrupt row stays visible in its own output
+        rows = torch.nonzero(used)  # [n, 1]
+        r = rows[:, 0]
+        s, gn = slots[r], gm[r]  # [n], [n, |g|]
+        a = torch.cat([banks[mf.lora_a_bank(m)][s, l] for m in modules], dim=-1)  # [n, d_in, |g| R]
+        blocks = []
+        for j, m in enumerate(modules):
+            first, width = cols[m]
+            bm = gn[:, j, None, None].to(a.dtype) * banks[mf.lora_b_bank(m)][s, l]  # [n, R, width]
+            blocks.append(F.pad(bm, (first, d_out - first - width)) if width != d_out else bm)
+        out += [rows, a, torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]]  # B [n, |g| R, d_out]
+    return out
 
 
-class FusedDecodeGraph(nn.Module):
-    """(input_ids [B, T], seqlens_k [B], total_sequence_length [], *past [B, Hkv, M, D],
-    *lora inputs (rows, A, B per layer and group)) -> (logits [B, T, V], *present)."""
+class FusedGraph(nn.Module):
+    """The fused flavour's graph (manifest._fused_io): (input_ids [B, T], seqlens_k [B],
+    total_sequence_length [], logits_index [B, P], *past [B, Hkv, M, D], tenant_slots [B],
+    route [], *banks, *lora inputs) -> (logits [B, P, V], *present, gates [B, L, 7],
+    router_logits [B, L, 7]); gates and router logits are 0 in decode and for rows with no
+    routed tenant. lora False (an export without tenants): the inputs end with the past."""
 
     def __init__(self, fused: FusedCore, lora: bool = True):
         super().__init__()
         self.fused = fused
         self.n = fused.base["num_layers"]
-        self.with_lora = lora  # False: an export without tenants (no LoRA inputs at all)
+        self.with_lora = lora
+        self.bank_names = mf.bank_names("prefill")
 
-    def forward(self, input_ids, seqlens_k, total, *rest):
+    def forward(self, input_ids, seqlens_k, total, logits_index, *rest):
         f, n = self.fused, self.n
-        flat, lora_in = rest[: 2 * n], rest[2 * n:]
-        past = [(flat[2 * i], flat[2 * i + 1]) for i in range(n)]
+        past = [(rest[2 * i], rest[2 * i + 1]) for i in range(n)]
+        b = input_ids.shape[0]
+        if not self.with_lora:
+            logits, presents = f.run(input_ids, seqlens_k, total, past, lambda l, group, x, y, res: y, logits_index)
+            none = torch.zeros(b, n, NUM_EXPERTS)
+            return (logits, *presents, none, none)
+        slots, route = rest[2 * n], rest[2 * n + 1]
+        nb = len(self.bank_names)
+        bank = dict(zip(self.bank_names, rest[2 * n + 2: 2 * n + 2 + nb]))
+        given = rest[2 * n + 2 + nb:]
         groups = {name: i for i, (name, _) in enumerate(mf.LORA_GROUPS)}
+        per_layer = 3 * len(groups)
+        # A prefill's prompt tokens: right padding, seqlens_k[b] = row b's length - 1.
+        mask = torch.arange(input_ids.shape[1])[None, :] <= seqlens_k[:, None].long()  # [B, T]
+        routed = bank[mf.SLOT_OPTIONS][slots][:, mf.OPTION_COLUMNS.index("routed")] == 1  # [B]
+        any_routed = routed.to(torch.float32).amax(0) > 0  # []
+        state: dict[int, list[Tensor]] = {}
 
         def lora(l, group, x, y, entering):
-            if not self.with_lora:
-                return y
-            i = 3 * (l * len(groups) + groups[group])
-            rows, a, b = lora_in[i:i + 3]  # [n, 1], [n, d_in, r], [n, r, d_out]
-            return rows_lora(y, x, rows, a, b)
+            if group == "qkv":  # the layer's one branch (see the module docstring)
+                fixed = bank[mf.SLOT_FIXED_GATES][slots]  # [B, 7]
+                gates, z = select(any_routed, list(route_layer(entering, mask, slots, bank, l, with_logits=True)),
+                                  [fixed, torch.zeros_like(fixed)])  # [B, 7] each
+                made = [gates, z, *prefill_rows(gates, slots, bank, l, f.layout)]
+                none = torch.zeros(b, NUM_EXPERTS)
+                state[l] = select(route, made, [none, none, *given[l * per_layer:(l + 1) * per_layer]])
+            i = 2 + 3 * groups[group]
+            rows, a, bb = state[l][i:i + 3]
+            return rows_lora(y, x, rows, a, bb)
 
-        logits, presents = f.run(input_ids, seqlens_k, total, past, lora)
-        return (logits, *presents)
+        logits, presents = f.run(input_ids, seqlens_k, total, past, lora, logits_index)
+        return (logits, *presents, torch.stack([state[l][0] for l in range(n)], dim=1),
+                torch.stack([state[l][1] for l in range(n)], dim=1))

@@ -15,9 +15,10 @@ Shape legend: B rows, S new tokens, H / Hkv heads, D head dim, M KV capacity, n 
 
 GroupQueryAttention, as onnxruntime defines it (the semantics the eager code reproduces):
     seqlens_k[b] = (tokens of row b after this call) - 1;  total = max over rows of those + 1
-    prompt (no past, S > 1 or 1):  positions 0..S-1; present = the new K/V [B, Hkv, S, D];
-        row b's real tokens are 0..seqlens_k[b] (right padding)
-    with past [B, Hkv, M, D] (shared buffer, M >= every row's total): the S new tokens of row b
+    prompt (S == total):  positions 0..S-1, row b's real tokens are 0..seqlens_k[b] (right
+        padding); with no past, present = the new K/V [B, Hkv, S, D]; with a buffer
+        [B, Hkv, M, D], the S new K/V are written into it at 0..S-1 (present is the buffer)
+    otherwise, past [B, Hkv, M, D] (shared buffer, M >= every row's total): the S new tokens of row b
         sit at positions p_b .. p_b+S-1, p_b = seqlens_k[b] + 1 - S; they are written into the
         buffer there (present is the buffer) and attend to keys 0 .. their own position
     rotary (rotate-half convention) on q and k with cos/sin caches [max_pos, D/2] at those
@@ -87,11 +88,11 @@ def gqa_eager(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads: in
     q = q.view(b, s, num_heads, d).transpose(1, 2)  # [B, H, S, D]
     k = k.view(b, s, kv_heads, d).transpose(1, 2)  # [B, Hkv, S, D]
     v = v.view(b, s, kv_heads, d).transpose(1, 2)
-    first = past_k.shape[2] == 0
+    first = past_k.shape[2] == 0 or s == int(total)  # a prompt: no past, or a buffer filled from 0
     start = torch.zeros_like(seqlens_k) if first else seqlens_k.long() + 1 - s  # [B] first new position
     pos = start.long()[:, None] + torch.arange(s)[None]  # [B, S]
     q, k = _rotary(q, pos, cos, sin), _rotary(k, pos, cos, sin)
-    if first:
+    if past_k.shape[2] == 0:
         pk, pv = k, v
     else:
         pk, pv = past_k.clone(), past_v.clone()
@@ -167,3 +168,33 @@ def rows_lora(y: Tensor, x: Tensor, rows: Tensor, a: Tensor, b: Tensor) -> Tenso
     at most once; a [n, d_in, r], b [n, r, d_out]). Four nodes: GatherND, MatMul, MatMul,
     ScatterND(add); rows that use no module cost nothing."""
     return _RowsLora.apply(y, x, rows, a, b)
+
+
+_ONNX_TYPES = {"Float": 1, "Half": 10, "Long": 7, "Int": 6, "Bool": 9}
+
+
+class _Select(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cond, n: int, *values):  # noqa: D102
+        then, other = values[:n], values[n:]
+        if torch.jit.is_tracing():  # the tracer records symbolic(); only the outputs' kinds matter
+            return tuple(v.clone() for v in then)
+        return tuple(v.clone() for v in (then if bool(cond) else other))
+
+    @staticmethod
+    def symbolic(g, cond, n: int, *values):  # noqa: D102
+        then = values[:n]
+        outs = g.op("milora::Select", cond, *values, n_i=n,
+                    types_i=[_ONNX_TYPES[v.type().scalarType()] for v in then], outputs=n)
+        outs = outs if n > 1 else (outs,)
+        return tuple(o.setType(v.type()) for o, v in zip(outs, then))
+
+
+def select(cond: Tensor, then: list[Tensor], other: list[Tensor]) -> list[Tensor]:
+    """then if cond (a bool scalar) else other, computing only the side taken: traced to one
+    milora::Select node that branches.select_to_if() turns into an If whose branches hold the
+    nodes only that side needs (eager PyTorch computes both and returns one). then and other:
+    the same number of tensors of the same dtypes; their shapes may differ."""
+    if len(then) != len(other):
+        raise ValueError(f"select needs as many values on both sides, got {len(then)} and {len(other)}")
+    return list(_Select.apply(cond, len(then), *then, *other))

@@ -25,13 +25,15 @@ from milora.export.shared_weights import SharedWeights  # noqa: F401 - re-export
 CONSTANT_FOLDING = True
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_SLOTS = 2, 3, 2, 2
 EXAMPLE_CAPACITY, EXAMPLE_LORA = 8, 2  # fused decode: KV buffer length; LoRA rows and rank
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
+                "bool": torch.bool}
 
 
 def example_inputs(io: dict, base: dict) -> tuple[torch.Tensor, ...]:
     """One example tensor per graph input, named axes replaced by example sizes."""
     sizes = {mf.AXIS_BATCH: EXAMPLE_BATCH, mf.AXIS_SEQ: EXAMPLE_SEQ, mf.AXIS_PAST: EXAMPLE_PAST,
-             mf.AXIS_TOTAL: EXAMPLE_PAST + EXAMPLE_SEQ, mf.AXIS_SLOTS: EXAMPLE_SLOTS, mf.AXIS_CAPACITY: EXAMPLE_CAPACITY}
+             mf.AXIS_TOTAL: EXAMPLE_PAST + EXAMPLE_SEQ, mf.AXIS_SLOTS: EXAMPLE_SLOTS, mf.AXIS_CAPACITY: EXAMPLE_CAPACITY,
+             mf.AXIS_LOGITS: 1}
     out = []
     for spec in io["inputs"]:
         # the fused decode graph's per-layer LoRA axes (lora_<l>_<group>_rows / _rank): EXAMPLE_LORA
@@ -48,6 +50,10 @@ def example_inputs(io: dict, base: dict) -> tuple[torch.Tensor, ...]:
             t = torch.full(shape, EXAMPLE_PAST + EXAMPLE_SEQ - 1, dtype=torch.int32)
         elif spec["name"] == mf.TOTAL_SEQUENCE_LENGTH:
             t = torch.tensor(EXAMPLE_PAST + EXAMPLE_SEQ, dtype=torch.int32)
+        elif spec["name"] == mf.ROUTE:
+            t = torch.tensor(True)
+        elif spec["name"] == mf.LOGITS_INDEX:
+            t = torch.zeros(shape, dtype=torch.int64)
         elif spec["name"].endswith(".rows"):  # fused LoRA rows [n, 1]: indices into the batch
             t = (torch.arange(shape[0]) % EXAMPLE_BATCH)[:, None]
         else:
@@ -77,10 +83,9 @@ def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, 
     """Trace one graph, lower its RoutedLora nodes, save it with its weights in the shared file.
     fused: a FusedCore for the fused flavour (None: the portable graphs)."""
     if fused is not None:
-        from milora.export.fused_model import FusedDecodeGraph, FusedPrefillGraph
+        from milora.export.fused_model import FusedGraph
 
-        module = FusedPrefillGraph(fused) if graph == "prefill" else \
-            FusedDecodeGraph(fused, lora=any(i["name"].startswith("lora.") for i in io["inputs"]))
+        module = FusedGraph(fused, lora=any(i["name"] == mf.ROUTE for i in io["inputs"]))
     else:
         module = PrefillGraph(core, io["logits_positions"]) if graph == "prefill" else DecodeGraph(core)
     # The tracer may spill weights next to its output (models over 2 GB): trace into a
@@ -101,9 +106,11 @@ def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, 
         shutil.rmtree(scratch, ignore_errors=True)
     lower(model, lowering, core.base["num_layers"])
     if fused is not None:
+        from milora.export.branches import select_to_if
         from milora.export.fused_ops import packed_qkv
 
         packed_qkv(model.graph)
+        select_to_if(model)
     declare_fixed_dims(model, io)
     weights.externalize(model, graph)
     onnx.save(model, str(path))

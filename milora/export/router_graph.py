@@ -58,8 +58,10 @@ def pool(h: Tensor, mask: Tensor, code: Tensor, vec: Tensor) -> Tensor:
     return out
 
 
-def route_layer(hidden: Tensor, mask: Tensor, slots: Tensor, banks: dict[str, Tensor], l: int) -> Tensor:
-    """Gates [B, E] float32 of layer l for every row (see the module docstring)."""
+def route_layer(hidden: Tensor, mask: Tensor, slots: Tensor, banks: dict[str, Tensor], l: int,
+                with_logits: bool = False):
+    """Gates [B, E] float32 of layer l for every row (see the module docstring); with_logits:
+    (gates, z), z [B, E] the router logits (NEG where the tenant lacks the expert)."""
     opts = banks[mf.SLOT_OPTIONS][slots]  # [B, 6]
     col = lambda name: opts[:, _COL[name]]  # noqa: E731
     num, den = banks[mf.ROUTER_ACT_NUM][slots, l], banks[mf.ROUTER_ACT_DEN][slots, l]  # [B, 7], [B, 5]
@@ -76,4 +78,5 @@ def route_layer(hidden: Tensor, mask: Tensor, slots: Tensor, banks: dict[str, Te
     paper = gates_from_logits(z, sel, "paper")
     renorm = gates_from_logits(z, sel, "renormalized", masked=NEG)
     gates = torch.where(col("gate_mode")[:, None] == mf.GATE_MODE_CODES["renormalized"], renorm, paper)
-    return torch.where(col("routed")[:, None] == 1, gates, banks[mf.SLOT_FIXED_GATES][slots])  # [B, E]
+    gates = torch.where(col("routed")[:, None] == 1, gates, banks[mf.SLOT_FIXED_GATES][slots])  # [B, E]
+    return (gates, z) if with_logits else gates

@@ -8,8 +8,10 @@ Shape legend: B rows, T prompt tokens, L layers, Hkv KV heads, D head dim, V voc
 
     portable  prefill left-padded; decode takes the gates, the banks, a [B, P+1] mask and the
               past KV concatenated (present = concat(past, new))
-    fused     prefill right-padded; decode takes per-row lengths (seqlens_k), KV buffers of a
-              fixed capacity written in place and the per-batch LoRA inputs (format/lora_batch)
+    fused     one graph: prefill (route true) right-padded into KV buffers of a fixed capacity
+              written in place, no LoRA inputs (the graph routes and builds its own); decode
+              (route false) takes per-row lengths (seqlens_k), the buffers and the per-batch
+              LoRA inputs (format/lora_batch)
 
 Torch- and onnxruntime-free: `run` takes any session with onnxruntime's run() and
 get_inputs()/get_outputs().
@@ -41,16 +43,37 @@ class Batch:
 
 
 def prefill_feeds(manifest: dict[str, Any], prompts: list[list[int]], slots: list[int], banks: dict[str, np.ndarray],
-                  pad_id: int = 0, length: int | None = None) -> Batch:
+                  pad_id: int = 0, length: int | None = None, capacity: int | None = None) -> Batch:
     """The prefill graph's feeds for these prompts (one tenant slot each), padded to the
-    longest prompt or to `length`."""
+    longest prompt or to `length`; fused: KV buffers of `capacity` positions (default: the
+    padded length)."""
     lens = np.array([len(p) for p in prompts], np.int64)
     pad = right_pad if is_fused(manifest) else left_pad  # as each flavour's runtime pads
     ids, mask = pad(prompts, pad_id, max(int(lens.max()), length or 0))
     slots_arr = np.asarray(slots, np.int64)
-    feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots_arr}
-    feeds.update({n: banks[n] for n in mf.bank_names("prefill")})
-    return Batch(prompts, slots_arr, feeds, lens)
+    if not is_fused(manifest):
+        feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots_arr}
+        feeds.update({n: banks[n] for n in mf.bank_names("prefill")})
+        return Batch(prompts, slots_arr, feeds, lens)
+    from milora.format import lora_batch
+
+    base, t = manifest["base"], ids.shape[1]
+    shape = (len(prompts), base["num_kv_heads"], max(capacity or 0, t), base["head_dim"])
+    feeds = {mf.INPUT_IDS: ids, mf.SEQLENS_K: (lens - 1).astype(np.int32),
+             mf.TOTAL_SEQUENCE_LENGTH: np.array(t, np.int32), mf.LOGITS_INDEX: (lens - 1)[:, None],
+             mf.TENANT_SLOTS: slots_arr, mf.ROUTE: np.array(True)}
+    for l in range(base["num_layers"]):
+        for n in (mf.past_key(l), mf.past_value(l)):
+            feeds[n] = np.zeros(shape, mf.NP_DTYPES[manifest["dtype"]])
+    feeds.update({n: banks[n] for n in mf.bank_names("prefill") if n in banks})
+    feeds.update(lora_batch.empty(base, manifest["dtype"]))
+    return Batch(prompts, slots_arr, _wanted(manifest, feeds), lens)
+
+
+def _wanted(manifest: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feeds the graph takes (an export without tenants has no slot, route, bank or LoRA input)."""
+    names = {i["name"] for i in manifest["graphs"]["decode"]["inputs"]}
+    return {k: v for k, v in feeds.items() if k in names}
 
 
 def run(sess, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -84,18 +107,20 @@ def decode_feeds(manifest: dict[str, Any], batch: Batch, prefill_out: dict[str, 
         bufs = {}
         for l in range(nl):
             for n in (mf.present_key(l), mf.present_value(l)):
-                bufs[n] = np.zeros((b, base["num_kv_heads"], t + steps, base["head_dim"]), prefill_out[n].dtype)
-                bufs[n][:, :, :t] = prefill_out[n]
+                have = prefill_out[n]
+                bufs[n] = np.zeros((b, base["num_kv_heads"], max(t + steps, have.shape[2]), base["head_dim"]), have.dtype)
+                bufs[n][:, :, :have.shape[2]] = have
         lora = lora_batch.build(banks, batch.slots, gates, base, manifest["max_rank"], manifest["dtype"])
-        wanted = {i["name"] for i in manifest["graphs"]["decode"]["inputs"]}
-        lora = {k: v for k, v in lora.items() if k in wanted}
+        fixed = {**{n: banks[n] for n in mf.bank_names("prefill") if n in banks}, **lora,
+                 mf.TENANT_SLOTS: batch.slots, mf.ROUTE: np.array(False), mf.LOGITS_INDEX: np.zeros((b, 1), np.int64)}
         for s in range(steps):
             cur = batch.lens + s
             feeds = {mf.INPUT_IDS: np.asarray(tokens(s), np.int64).reshape(b, 1), mf.SEQLENS_K: cur.astype(np.int32),
-                     mf.TOTAL_SEQUENCE_LENGTH: np.array(cur.max() + 1, np.int32), **lora}
+                     mf.TOTAL_SEQUENCE_LENGTH: np.array(cur.max() + 1, np.int32), **fixed}
             for l in range(nl):
                 feeds[mf.past_key(l)] = bufs[mf.present_key(l)]
                 feeds[mf.past_value(l)] = bufs[mf.present_value(l)]
+            feeds = _wanted(manifest, feeds)
             yield feeds
             out = run_step(feeds)
             bufs = {n: out[n] for n in bufs}

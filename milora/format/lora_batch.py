@@ -59,3 +59,17 @@ def build(banks: dict[str, np.ndarray], slots: np.ndarray, gates: np.ndarray, ba
             names = mf.lora_inputs(l, g)
             out[names[0]], out[names[1]], out[names[2]] = np.asarray(rows, np.int64).reshape(-1, 1), a, bb
     return out
+
+
+def empty(base: dict[str, Any], dtype: str) -> dict[str, np.ndarray]:
+    """Every lora.{l}.{g}.* input with no rows: what a prefill feeds (the graph builds its own)."""
+    layout = mf.lora_group_layout(base)
+    np_dtype = np.dtype(mf.NP_DTYPES[dtype])
+    out: dict[str, np.ndarray] = {}
+    for l in range(base["num_layers"]):
+        for g, _ in mf.LORA_GROUPS:
+            d_in, d_out, _ = layout[g]
+            rows, a, bb = mf.lora_inputs(l, g)
+            out[rows], out[a], out[bb] = (np.zeros((0, 1), np.int64), np.zeros((0, d_in, 0), np_dtype),
+                                          np.zeros((0, 0, d_out), np_dtype))
+    return out

@@ -32,10 +32,13 @@ from milora.format.jsonfile import json_kind, read_json
 from milora.errors import ManifestError
 
 MANIFEST_FORMAT = "milora-export"
-MANIFEST_VERSION = 2  # 2: graph flavours (portable, fused)
+MANIFEST_VERSION = 3  # 2: graph flavours (portable, fused); 3: the fused flavour is one graph for both phases
 MANIFEST_FILE = "manifest.json"
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
+# The fused flavour's one graph: graphs.prefill and graphs.decode both name it (same file, same
+# IO); the runtime opens it once, so the weights are loaded and prepacked once.
+MODEL_FILE = "model.onnx"
 # The external data of BOTH graphs: each base weight once, at the same offset for both, so
 # disk and a runtime that maps it (milora.runtime.weights) hold the weights once.
 # graphs.<g>.external_initializers maps each graph's initializer names to
@@ -46,7 +49,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 # Dtype names used in manifest.json (banks, graph IO) and their numpy types.
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+             "bool": np.bool_}
 
 # ---- graph IO names ----
 INPUT_IDS = "input_ids"
@@ -58,11 +62,22 @@ LOGITS = "logits"
 # total_sequence_length = the longest row's tokens after the call.
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+# Fused flavour: ROUTE [] bool, true for a prefill (this call's tokens are the prompts, the KV
+# buffers hold nothing yet: the routers run and the graph builds the LoRA rows itself), false
+# for decode (the lora.* inputs carry the routing). LOGITS_INDEX [B, P] int64: the positions,
+# among this call's T tokens, whose logits come out ([B, P, V]).
+ROUTE = "route"
+LOGITS_INDEX = "logits_index"
+# Fused flavour output: each layer's router logits [B, L, 7] of a prefill (the tenant's experts;
+# -1e30 where it lacks one; 0 in decode and for rows with no routed tenant). The agreement
+# report reads the routers' margins from it.
+ROUTER_LOGITS = "router_logits"
 
-# Graph flavours. portable: standard ONNX ops, concat KV, left padding (any runtime, the
-# TensorRT target). fused: onnxruntime's fused operators (GroupQueryAttention with rotary
-# inside and KV updated in place, SkipSimplifiedLayerNormalization, packed QKV and gate/up
-# projections), right padding, and a decode graph fed per-batch LoRA inputs (lora_batch.py).
+# Graph flavours. portable: standard ONNX ops, concat KV, left padding, a prefill and a decode
+# graph (any runtime, the TensorRT target). fused: onnxruntime's fused operators
+# (GroupQueryAttention with rotary inside and KV updated in place,
+# SkipSimplifiedLayerNormalization, packed QKV and gate/up projections), right padding, ONE
+# graph for both phases (ROUTE switches), decode fed per-batch LoRA inputs (lora_batch.py).
 FLAVOUR_PORTABLE, FLAVOUR_FUSED = "portable", "fused"
 FLAVOURS = (FLAVOUR_PORTABLE, FLAVOUR_FUSED)
 # onnxruntime's GroupQueryAttention needs a head dim that is a multiple of this.
@@ -97,6 +112,7 @@ def lora_inputs(layer: int, group: str) -> tuple[str, str, str]:
 # keeps [B,T,V] for users who score prompts. Decode always emits all its T new positions.
 LOGITS_LAST, LOGITS_ALL = "last", "all"
 LOGITS_POSITIONS = (LOGITS_LAST, LOGITS_ALL)
+LOGITS_INDEXED = "indexed"  # the fused graph: the positions its LOGITS_INDEX input names
 
 
 def past_key(i: int) -> str:
@@ -172,19 +188,20 @@ def bank_names(graph: str) -> list[str]:
 # Dynamic axis names, shared by both graphs and the manifest.
 AXIS_BATCH, AXIS_SEQ, AXIS_PAST, AXIS_TOTAL, AXIS_SLOTS = "batch", "sequence", "past_sequence", "total_sequence", "slots"
 AXIS_CAPACITY = "kv_capacity"  # fused flavour: the KV buffer's length
+AXIS_LOGITS = "logits_positions"  # fused flavour: positions per row whose logits are asked for
 
 
 def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str,
              prefill_logits: str = LOGITS_LAST, flavour: str = FLAVOUR_PORTABLE, lora: bool = True) -> dict[str, Any]:
     """{'inputs': [...], 'outputs': [...], 'logits_positions': 'last' | 'all'}; inputs and
     outputs each {name, shape (ints or axis names), dtype}. prefill_logits applies to prefill.
-    lora False (an export without tenants): the fused decode graph has no LoRA inputs."""
+    lora False (an export without tenants): the fused graph has no tenant inputs."""
     if prefill_logits not in LOGITS_POSITIONS:
         raise ValueError(f"prefill_logits={prefill_logits!r}; expected one of {LOGITS_POSITIONS}")
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour={flavour!r}; expected one of {FLAVOURS}")
-    if flavour == FLAVOUR_FUSED and graph == "decode":
-        return _fused_decode_io(base, dtype, lora)
+    if flavour == FLAVOUR_FUSED:
+        return _fused_io(base, max_rank, dtype, lora)
     nl, hkv, hd, v = base["num_layers"], base["num_kv_heads"], base["head_dim"], base["vocab_size"]
     b, t = AXIS_BATCH, AXIS_SEQ
     kv_len = t if graph == "prefill" else AXIS_TOTAL
@@ -210,18 +227,27 @@ def graph_io(graph: str, base: dict[str, Any], max_rank: int, dtype: str,
     return {"inputs": inputs, "outputs": outputs, "logits_positions": positions}
 
 
-def _fused_decode_io(base: dict[str, Any], dtype: str, lora: bool) -> dict[str, Any]:
-    """The fused decode graph: KV buffers [B, Hkv, capacity, D] updated in place (present is
-    the past buffer), per-row lengths, per-batch LoRA inputs (lora_batch.py); no banks, no
-    gates, no mask: routing and tenants are already in the LoRA inputs."""
+def _fused_io(base: dict[str, Any], max_rank: int, dtype: str, lora: bool) -> dict[str, Any]:
+    """The fused flavour's one graph, prefill (ROUTE true) and decode (ROUTE false) alike: KV
+    buffers [B, Hkv, capacity, D] updated in place (present is the past buffer), per-row
+    lengths (seqlens_k, no mask), the banks (read by the routers and the prefill's LoRA rows),
+    the per-batch LoRA inputs of decode (lora_batch.py; empty in a prefill), the positions whose
+    logits come out. lora False (an export without tenants): no slots, routing, banks or LoRA."""
     nl, hkv, hd, v = base["num_layers"], base["num_kv_heads"], base["head_dim"], base["vocab_size"]
     b, t = AXIS_BATCH, AXIS_SEQ
     inputs = [{"name": INPUT_IDS, "shape": [b, t], "dtype": "int64"},
               {"name": SEQLENS_K, "shape": [b], "dtype": "int32"},
-              {"name": TOTAL_SEQUENCE_LENGTH, "shape": [], "dtype": "int32"}]
+              {"name": TOTAL_SEQUENCE_LENGTH, "shape": [], "dtype": "int32"},
+              {"name": LOGITS_INDEX, "shape": [b, AXIS_LOGITS], "dtype": "int64"}]
     for i in range(nl):
         for name in (past_key(i), past_value(i)):
             inputs.append({"name": name, "shape": [b, hkv, AXIS_CAPACITY, hd], "dtype": dtype})
+    if lora:
+        inputs += [{"name": TENANT_SLOTS, "shape": [b], "dtype": "int64"},
+                   {"name": ROUTE, "shape": [], "dtype": "bool"}]
+        specs = bank_specs(base, max_rank, dtype)
+        for name in bank_names("prefill"):
+            inputs.append({"name": name, "shape": [AXIS_SLOTS, *specs[name]["shape"]], "dtype": specs[name]["dtype"]})
     layout = lora_group_layout(base)
     for l in range(nl if lora else 0):
         for g, _ in LORA_GROUPS:
@@ -231,11 +257,13 @@ def _fused_decode_io(base: dict[str, Any], dtype: str, lora: bool) -> dict[str, 
             inputs += [{"name": rows, "shape": [n, 1], "dtype": "int64"},
                        {"name": a, "shape": [n, d_in, r], "dtype": dtype},
                        {"name": bb, "shape": [n, r, d_out], "dtype": dtype}]
-    outputs = [{"name": LOGITS, "shape": [b, t, v], "dtype": dtype}]
+    outputs = [{"name": LOGITS, "shape": [b, AXIS_LOGITS, v], "dtype": dtype}]
     for i in range(nl):
         for name in (present_key(i), present_value(i)):
             outputs.append({"name": name, "shape": [b, hkv, AXIS_CAPACITY, hd], "dtype": dtype})
-    return {"inputs": inputs, "outputs": outputs, "logits_positions": LOGITS_ALL}
+    outputs += [{"name": GATES, "shape": [b, nl, NUM_EXPERTS], "dtype": "float32"},
+                {"name": ROUTER_LOGITS, "shape": [b, nl, NUM_EXPERTS], "dtype": "float32"}]
+    return {"inputs": inputs, "outputs": outputs, "logits_positions": LOGITS_INDEXED}
 
 
 # ---- manifest.json ----

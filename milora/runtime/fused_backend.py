@@ -3,15 +3,18 @@
 Shape legend: B running rows, T new tokens, M KV capacity, L layers, Hkv KV heads, D head dim,
 V vocab.
 
-KV lives in one buffer per layer and K/V, [B, Hkv, M, D], row b's tokens at 0..len[b]-1.
-GroupQueryAttention writes each step's K/V into that buffer in place: the decode graph's past
-and present are bound to the same memory, so no step copies the cache (the portable graphs'
-present = concat(past, new) copies all of it every step). Rows of any lengths share a batch:
-the graph gets each row's length (seqlens_k), no mask. The buffer is copied only when the
-batch's membership changes or when the longest row reaches M (then M doubles).
+One graph, one session, for both phases (the weights are loaded and prepacked once); its ROUTE
+input says which phase a call is. KV lives in one buffer per layer and K/V, [B, Hkv, M, D],
+row b's tokens at 0..len[b]-1. A prefill writes the prompts' K/V into fresh buffers (M: the
+longest prompt rounded up, with room to decode); GroupQueryAttention then writes each step's
+K/V into them in place: past and present are bound to the same memory, so no step copies the
+cache (the portable graphs' present = concat(past, new) copies all of it every step). Rows of
+any lengths share a batch: the graph gets each row's length (seqlens_k), no mask. The buffers
+are copied only when the batch's membership changes or when the longest row reaches M (then M
+doubles).
 
 Per-batch LoRA inputs (format/lora_batch.py) are built and bound in bind_rows, once per
-membership change; the decode graph reads no banks and no gates.
+membership change; a decode step runs no router and reads no bank.
 """
 
 from __future__ import annotations
@@ -69,10 +72,20 @@ class FusedOrtBackend(OrtBackend):
         base = manifest["base"]
         self.kv_shape = (base["num_kv_heads"], base["head_dim"])
         self._decode_inputs = {i["name"] for i in manifest["graphs"]["decode"]["inputs"]}
+        self._tenants = mf.ROUTE in self._decode_inputs  # an export without tenants has no routing inputs
         self._bound_rows: FusedRows | None = None
         self._bound_kv: FusedKV | None = None
+        value = lambda a: self.ort.OrtValue.ortvalue_from_numpy(a, self.device)  # noqa: E731
+        prefill, decode = self._bindings["prefill"], self._bindings["decode"]
+        if self._tenants:  # fixed per phase: bound once
+            prefill.bind_ortvalue_input(mf.ROUTE, value(np.array(True)))
+            decode.bind_ortvalue_input(mf.ROUTE, value(np.array(False)))
+            self._no_rows = {n: value(a) for n, a in lora_batch.empty(base, manifest["dtype"]).items()
+                             if n in self._decode_inputs}  # a prefill builds its LoRA rows in the graph
+            for name, v in self._no_rows.items():
+                prefill.bind_ortvalue_input(name, v)
         # Logits are bound first, so they stay the binding's first output when KV is rebound.
-        self._bindings["decode"].bind_output(mf.LOGITS, self.device)
+        decode.bind_output(mf.LOGITS, self.device)
 
     # ---- prefill ----
 
@@ -83,13 +96,32 @@ class FusedOrtBackend(OrtBackend):
             raise RequestError(f"prefill needs one slot per prompt and no empty prompt; got {len(prompts)} prompts "
                                f"(lengths {[len(p) for p in prompts][:8]}) and {len(slots)} slots")
         lengths = np.array([len(p) for p in prompts], np.int64)
-        ids, mask = right_pad(prompts, self.pad_token_id)
-        out = self._run("prefill", {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.TENANT_SLOTS: slots},
-                        [mf.LOGITS, mf.GATES, *self.present_names])
+        ids, _ = right_pad(prompts, self.pad_token_id)
+        b, t = ids.shape
+        cap = _round_up(t + 1)  # room for the first decode steps: no copy before the buffer fills
+        kv = FusedKV(lengths, self._alloc(b, cap), self._alloc(b, cap))
+        kv.values = [self.ort.OrtValue.ortvalue_from_numpy(a, self.device) for pair in zip(kv.k, kv.v) for a in pair]
+        binding = self._bindings["prefill"]
+        feeds = {mf.INPUT_IDS: ids, mf.SEQLENS_K: (lengths - 1).astype(np.int32),
+                 mf.TOTAL_SEQUENCE_LENGTH: np.array(t, np.int32), mf.LOGITS_INDEX: (lengths - 1)[:, None]}
+        if self._tenants:
+            feeds[mf.TENANT_SLOTS] = slots
+        for name, a in feeds.items():
+            binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device))
+        binding.clear_binding_outputs()
+        binding.bind_output(mf.LOGITS, self.device)
+        binding.bind_output(mf.GATES, self.device)
+        for past, present, value in zip(self.past_names, self.present_names, kv.values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # written in place
+        self.sessions["prefill"].run_with_iobinding(binding)
+        out = binding.get_outputs()
         logits = out[0].numpy()[:, -1, :].astype(np.float32)  # [b, V]
         gates = out[1].numpy().copy()  # [b, L, 7]
-        present = [o.numpy() for o in out[2:]]
-        return logits, gates, FusedKV(lengths, present[0::2], present[1::2])
+        binding.clear_binding_outputs()  # the buffers now belong to the decode binding
+        if self.device != "cpu":
+            self._pull(kv)
+        return logits, gates, kv
 
     # ---- rows ----
 
@@ -98,7 +130,9 @@ class FusedOrtBackend(OrtBackend):
         slots = self.check_slots(slots)
         m = self.manifest
         arrays = lora_batch.build(self.banks, slots, gates, m["base"], m["max_rank"], m["dtype"]) \
-            if any(n.startswith("lora.") for n in self._decode_inputs) else {}
+            if self._tenants else {}
+        if self._tenants:
+            arrays[mf.TENANT_SLOTS] = slots
         rows = FusedRows(len(slots), {n: self.ort.OrtValue.ortvalue_from_numpy(a, self.device) for n, a in arrays.items()})
         self._bind_lora(rows)
         return rows
@@ -143,8 +177,9 @@ class FusedOrtBackend(OrtBackend):
                 binding.bind_ortvalue_output(present, value)  # the same memory: updated in place
             self._bound_kv = kv
         ends = kv.lengths + t  # tokens per row after this call
+        index = np.broadcast_to(np.arange(t, dtype=np.int64), ids.shape)  # logits of every new token
         for name, value in ((mf.INPUT_IDS, ids), (mf.SEQLENS_K, (ends - 1).astype(np.int32)),
-                            (mf.TOTAL_SEQUENCE_LENGTH, np.array(ends.max(), np.int32))):
+                            (mf.TOTAL_SEQUENCE_LENGTH, np.array(ends.max(), np.int32)), (mf.LOGITS_INDEX, index)):
             binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value),
                                                                                       self.device))
         binding.bind_output(mf.LOGITS, self.device)

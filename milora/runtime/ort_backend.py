@@ -71,6 +71,10 @@ class OrtBackend:
                                 "again to open it with share_weights=True")
         self.sessions = {}
         for g in ("prefill", "decode"):
+            same = [h for h in self.sessions if graphs[h]["file"] == graphs[g]["file"]]
+            if same:  # the fused flavour: one graph for both phases, loaded (and its weights packed) once
+                self.sessions[g] = self.sessions[same[0]]
+                continue
             opts = ort.SessionOptions()
             if threads:
                 opts.intra_op_num_threads = threads
