@@ -61,7 +61,8 @@ def pool(h: Tensor, mask: Tensor, code: Tensor, vec: Tensor) -> Tensor:
 def route_layer(hidden: Tensor, mask: Tensor, slots: Tensor, banks: dict[str, Tensor], l: int,
                 with_logits: bool = False):
     """Gates [B, E] float32 of layer l for every row (see the module docstring); with_logits:
-    (gates, z), z [B, E] the router logits (NEG where the tenant lacks the expert)."""
+    (gates, z), z [B, E] the router logits (NEG where the tenant lacks the expert; 0 on rows
+    whose tenant is not routed: the base model, plain LoRA)."""
     opts = banks[mf.SLOT_OPTIONS][slots]  # [B, 6]
     col = lambda name: opts[:, _COL[name]]  # noqa: E731
     num, den = banks[mf.ROUTER_ACT_NUM][slots, l], banks[mf.ROUTER_ACT_DEN][slots, l]  # [B, 7], [B, 5]
@@ -79,4 +80,6 @@ def route_layer(hidden: Tensor, mask: Tensor, slots: Tensor, banks: dict[str, Te
     renorm = gates_from_logits(z, sel, "renormalized", masked=NEG)
     gates = torch.where(col("gate_mode")[:, None] == mf.GATE_MODE_CODES["renormalized"], renorm, paper)
     gates = torch.where(col("routed")[:, None] == 1, gates, banks[mf.SLOT_FIXED_GATES][slots])  # [B, E]
-    return (gates, z) if with_logits else gates
+    if not with_logits:
+        return gates
+    return gates, torch.where(col("routed")[:, None] == 1, z, torch.zeros_like(z))  # 0 for rows not routed

@@ -68,8 +68,8 @@ TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 # among this call's T tokens, whose logits come out ([B, P, V]).
 ROUTE = "route"
 LOGITS_INDEX = "logits_index"
-# Fused flavour output: each layer's router logits [B, L, 7] of a prefill (the tenant's experts;
-# -1e30 where it lacks one; 0 in decode and for rows with no routed tenant). The agreement
+# Fused flavour output: each layer's router logits [B, L, 7] of a prefill (-1e30 for experts the
+# row's tenant lacks; 0 on rows whose tenant is not routed, and in decode). The agreement
 # report reads the routers' margins from it.
 ROUTER_LOGITS = "router_logits"
 
