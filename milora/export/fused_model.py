@@ -17,16 +17,19 @@ One layer (x = the normed residual stream; the residual itself is what the route
     out     = (silu(gate) * up) @ W_down                          + LoRA update of down
 
 LoRA updates, both phases: y[rows] += (x[rows] @ A) @ B per layer and group (rows_lora: 4
-nodes), A and B holding the rows' selected modules with their gates folded in. Where rows, A
-and B come from is the graph's one branch per layer, an If on the ROUTE input:
+nodes), A and B holding the rows' selected modules with their gates folded in, applied twice
+per group: once with decode's lora.{l}.{g}.* inputs (format/lora_batch.py, built once per
+batch by the runtime from the prefill's gates; no rows in a prefill) and once with the rows
+the graph builds in a prefill (none in decode). Those come from the graph's one branch per
+layer, an If on the ROUTE input:
 
     route (prefill)  the layer's routers run on the hidden state entering the layer (as
                      BankModel; skipped by an inner If when no row has a routed tenant, the
                      gates are then the slots' fixed gates), and rows / A / B are built from the
                      banks: rows that use a module of the group, A = the group's lora_A side
                      by side, B = the gated lora_B blocks in their output columns
-    decode           the lora.{l}.{g}.* inputs (format/lora_batch.py, built once per batch by
-                     the runtime from the prefill's gates); the If just passes them on
+    decode           no rows (empty constants): decode's own inputs do not pass through the
+                     If, whose outputs are copies (Identity) at every call
 
 so a decode step runs no router and no bank gather, and a batch of base rows (no routed
 tenant) runs no router in prefill either. Prompts are right-padded (row b's tokens first):
@@ -173,6 +176,12 @@ class FusedGraph(nn.Module):
         routed = bank[mf.SLOT_OPTIONS][slots][:, mf.OPTION_COLUMNS.index("routed")] == 1  # [B]
         any_routed = routed.to(torch.float32).amax(0) > 0  # []
         state: dict[int, list[Tensor]] = {}
+        # What decode's side of the branch returns: no rows. decode's own LoRA inputs are applied
+        # outside the If: passing them through it would copy them (Identity) at every step.
+        no_rows = []
+        for g, _ in mf.LORA_GROUPS:
+            d_in, d_out, _ = f.layout[g]
+            no_rows += [torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, d_in, 0), torch.zeros(0, 0, d_out)]
 
         def lora(l, group, x, y, entering):
             if group == "qkv":  # the layer's one branch (see the module docstring)
@@ -181,10 +190,10 @@ class FusedGraph(nn.Module):
                                   [fixed, torch.zeros_like(fixed)])  # [B, 7] each
                 made = [gates, z, *prefill_rows(gates, slots, bank, l, f.layout)]
                 none = torch.zeros(b, NUM_EXPERTS)
-                state[l] = select(route, made, [none, none, *given[l * per_layer:(l + 1) * per_layer]])
-            i = 2 + 3 * groups[group]
-            rows, a, bb = state[l][i:i + 3]
-            return rows_lora(y, x, rows, a, bb)
+                state[l] = select(route, made, [none, none, *no_rows])
+            i = 3 * groups[group]
+            y = rows_lora(y, x, *given[l * per_layer + i:l * per_layer + i + 3])  # decode's (none in a prefill)
+            return rows_lora(y, x, *state[l][2 + i:2 + i + 3])  # a prefill's (none in decode)
 
         logits, presents = f.run(input_ids, seqlens_k, total, past, lora, logits_index)
         return (logits, *presents, torch.stack([state[l][0] for l in range(n)], dim=1),
