@@ -10,7 +10,7 @@ OUT_DIR:
     weights.onnx.data            the external data of both graphs (each weight once)
     adapters/<tenant>.safetensors one slot pack per tenant
     tokenizer files              copied from MODEL_DIR
-    polygraphy/<graph>_data.py   Polygraphy data loaders (milora/plugins/polygraphy_scripts.py)
+    polygraphy/<graph>_data.py   Polygraphy data loaders (milora/plugins/polygraphy_scripts.py; portable flavour)
 """
 
 from __future__ import annotations
@@ -192,9 +192,10 @@ def _export_into(model_dir: Path, tmp: Path, found: dict[str, Path], opts: Expor
     for name in mf.TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, tmp / name)
-    from milora.plugins.polygraphy_scripts import write_loader_scripts
+    if opts.flavour == mf.FLAVOUR_PORTABLE:  # the graphs TensorRT parses (the fused ones are onnxruntime's)
+        from milora.plugins.polygraphy_scripts import write_loader_scripts
 
-    write_loader_scripts(tmp)  # polygraphy/<graph>_data.py (docs/tensorrt.md); hashed in the manifest like every file
+        write_loader_scripts(tmp)  # polygraphy/<graph>_data.py (docs/tensorrt.md); hashed in the manifest like every file
     manifest["export_seconds"] = round(time.time() - started, 2)
     if opts.validate:
         bar.set_description("validating against PyTorch")

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"(default {ENGINE_DEFAULTS['max_batch']})")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of OUT_DIR's files")
     r.add_argument("--share-weights", action="store_true",
-                   help="load the weights once for both graphs (~40%% less memory, slower decode on CPU)")
+                   help="map the weights file once, unpacked (portable exports: ~40%% less memory; slower decode "
+                        "on CPU)")
     return p
 
 

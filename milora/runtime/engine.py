@@ -100,8 +100,10 @@ class Engine:
                  backend: Backend | Callable[[Bundle], Backend] | None = None):
         """backend: a Backend (milora.runtime.backend) or a factory called with the opened Bundle;
         default: onnxruntime for the export's graph flavour (OrtBackend, FusedOrtBackend). share_weights: map the export's one
-        weights file once for both graphs (about 40% less memory, for small devices; slower
-        decode on CPU because weights are not prepacked).
+        weights file and hand it to onnxruntime unpacked (portable exports: once for both graphs,
+        about 40% less memory; fused exports already load one copy for their one graph, this
+        still saves the packed copy's extra). For small devices: slower decode on CPU, because
+        the weights are not prepacked.
         max_queue: requests waiting for admission beyond this are refused (OverloadError)."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise RequestError(f"max_batch={max_batch!r}; expected an integer >= 1")

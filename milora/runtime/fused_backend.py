@@ -11,7 +11,7 @@ K/V into them in place: past and present are bound to the same memory, so no ste
 cache (the portable graphs' present = concat(past, new) copies all of it every step). Rows of
 any lengths share a batch: the graph gets each row's length (seqlens_k), no mask. The buffers
 are copied only when the batch's membership changes or when the longest row reaches M (then M
-doubles).
+grows by a quarter).
 
 Per-batch LoRA inputs (format/lora_batch.py) are built and bound in bind_rows, once per
 membership change; a decode step runs no router and reads no bank.
@@ -31,6 +31,7 @@ from milora.format.padding import right_pad
 from milora.runtime.ort_backend import OrtBackend
 
 CAPACITY_STEP = 64  # KV buffers are sized in multiples of this many positions
+GROWTH_DIVISOR = 4  # a full buffer grows to what is needed + 1/4 of it
 
 
 @dataclass
@@ -197,7 +198,9 @@ class FusedOrtBackend(OrtBackend):
                 for _ in range(self.num_layers)]
 
     def _grow(self, kv: FusedKV, needed: int) -> None:
-        cap = _round_up(max(needed, 2 * kv.capacity))
+        # Geometric growth (amortized O(1) copying per token) by a quarter, not doubling: a
+        # buffer is at most ~25% (plus the rounding) larger than what its rows hold.
+        cap = _round_up(needed + needed // GROWTH_DIVISOR)
         for buffers in (kv.k, kv.v):
             for i, old in enumerate(buffers):
                 new = np.zeros((*old.shape[:2], cap, old.shape[3]), old.dtype)
