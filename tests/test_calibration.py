@@ -234,3 +234,19 @@ def test_milora_quantize_imports_no_torch(tiny_export, tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert res.stdout.strip().splitlines()[-1] == "0 []", res.stdout + res.stderr
     assert (tmp_path / "q" / "manifest.json").is_file()
+
+
+def test_int4_without_lm_head_keeps_it_float32(tiny_fused_export, tmp_path):
+    """--no-lm-head with int4: the LM head MatMul keeps its float32 weight in both graphs
+    (onnxruntime's MatMulNBits quantizer takes nodes_to_include as an addition to the op types
+    it quantizes, so the node has to be excluded by name)."""
+    from milora.calibration import graph as cg
+
+    _, out_dir = tiny_fused_export
+    m = quantize(out_dir, tmp_path / "q", precision="int4", lm_head=False, force_agreement=True, **FAST)
+    for g in ("prefill", "decode"):
+        model, _ = _graph(tmp_path / "q", g)
+        cg.name_nodes(model.graph)
+        plan = cg.plan(model, m["base"]["vocab_size"])
+        assert plan.lm_head and plan.weight_matmuls == plan.lm_head  # the only float weight MatMul left
+        assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 4 * m["base"]["num_layers"]
