@@ -297,3 +297,118 @@ def test_milora_quantize_imports_no_torch(tiny_export, tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert res.stdout.strip().splitlines()[-1] == "0 []", res.stdout + res.stderr
     assert (tmp_path / "q" / "manifest.json").is_file()
+
+
+def _weight_inputs(model: onnx.ModelProto) -> dict[str, int]:
+    """node name -> data type of the initializer each MatMul / Gather reads as its weight."""
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits:
+            out[n.name] = inits[n.input[1]]
+        elif n.op_type == "Gather" and n.input[0] in inits:
+            out[n.name] = inits[n.input[0]]
+    return out
+
+
+def test_int4_without_lm_head_keeps_it_float32(tiny_fused_export, tmp_path):
+    """--no-lm-head with int4: the LM head MatMul keeps its float32 weight in both graphs
+    (onnxruntime's MatMulNBits quantizer takes nodes_to_include as an addition to the op types
+    it quantizes, so the node has to be excluded by name)."""
+    from milora.calibration import graph as cg
+
+    _, out_dir = tiny_fused_export
+    m = quantize(out_dir, tmp_path / "q", precision="int4", lm_head=False, force_agreement=True, **FAST)
+    for g in ("prefill", "decode"):
+        model, _ = _graph(tmp_path / "q", g)
+        cg.name_nodes(model.graph)
+        plan = cg.plan(model, m["base"]["vocab_size"])
+        assert plan.lm_head and plan.weight_matmuls == plan.lm_head  # the only float weight MatMul left
+        assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 4 * m["base"]["num_layers"]
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8-dynamic", "int8-static"])
+def test_keep_float_matmuls_stay_float32_and_are_recorded(exported, tmp_path, precision):
+    """--keep-float: the selected weight MatMuls keep their float32 weights in both graphs (by
+    site, though node names differ between prefill and decode), every other one is quantized,
+    and the manifest lists them. int4 also keeps the LM head float32 with --no-lm-head
+    (onnxruntime's nodes_to_include alone would quantize it anyway)."""
+    from milora.calibration import graph as cg
+    from milora.calibration import mixed
+
+    _, out_dir = exported
+    src = mf.read_manifest(out_dir)
+    m = quantize(out_dir, tmp_path / "q", precision=precision, keep_float=["layers.0.down_proj", "layers.1"],
+                 lm_head=False, force_agreement=True, **FAST)
+    nl = src["base"]["num_layers"]
+    assert nl == 2
+    for g in ("prefill", "decode"):
+        source = onnx.load(str(out_dir / src["graphs"][g]["file"]), load_external_data=True)
+        cg.name_nodes(source.graph)
+        named = mixed.sites(source, cg.plan(source, src["base"]["vocab_size"]), src["base"])
+        kept = {s for s in named if s.startswith("layers.1.")} | {"layers.0.down_proj", "lm_head"}
+        quantized_graph, _ = _graph(tmp_path / "q", g)
+        weights = _weight_inputs(quantized_graph)
+        for site, node in named.items():
+            if site in kept:
+                assert weights.get(node) == onnx.TensorProto.FLOAT, (g, site, node)
+            elif site != "embedding" and precision != "int8-static":  # int8-static: a MatMul reading a DQ'd weight
+                assert node not in weights, (g, site, node)
+        assert m[mf.QUANTIZATION_KEY]["graphs"][g]["kept_float"] == [s for s in named if s in kept - {"lm_head"}]
+        if precision == "int8-static":
+            dq = {n.output[0] for n in quantized_graph.graph.node if n.op_type == "DequantizeLinear"}
+            by_name = {n.name: n for n in quantized_graph.graph.node}
+            quantized = [s for s in named if s not in kept and s != "embedding"]
+            assert quantized and all(by_name[named[s]].input[1] in dq for s in quantized)
+    record = m[mf.QUANTIZATION_KEY]["keep_float"]
+    assert record["selectors"] == ["layers.0.down_proj", "layers.1"] and record["search"] is None
+    assert "layers.0.down_proj" in record["matmuls"] and "layers.1.down_proj" in record["matmuls"]
+    assert not any(s.startswith("layers.0.") and s != "layers.0.down_proj" for s in record["matmuls"])
+    assert record["weights_bytes_float32"] > 0
+    assert "--keep-float layers.0.down_proj layers.1" in m[mf.QUANTIZATION_KEY]["high_precision"]["kept weight MatMuls"]
+    assert m[mf.QUANTIZATION_KEY]["options"]["keep_float"] == ["layers.0.down_proj", "layers.1"]
+
+
+def test_keep_float_selectors_name_structural_sites():
+    """Selectors read the structural site names, either flavour: a portable module matches the
+    fused MatMul that computes it; ranges, groups and the checkpoint's spelling are understood."""
+    from milora.calibration import mixed
+
+    portable = [f"layers.{l}.{m}" for l in range(3) for m in mixed.PORTABLE] + ["lm_head", "embedding"]
+    fused = [f"layers.{l}.{m}" for l in range(3) for m in mixed.FUSED] + ["lm_head"]
+    assert mixed.select(portable, ["down_proj"]) == [f"layers.{l}.down_proj" for l in range(3)]
+    assert mixed.select(portable, ["layers.1-2.mlp.up_proj"]) == ["layers.1.up_proj", "layers.2.up_proj"]
+    assert mixed.select(portable, ["model.layers.0.self_attn.k_proj"]) == ["layers.0.k_proj"]
+    assert mixed.select(portable, ["layers.0,2.attn"]) == [f"layers.{l}.{m}" for l in (0, 2) for m in mixed.PORTABLE[:4]]
+    assert mixed.select(fused, ["q_proj"]) == [f"layers.{l}.qkv_proj" for l in range(3)]
+    assert mixed.select(fused, ["layers.2.mlp"]) == ["layers.2.gate_up_proj", "layers.2.down_proj"]
+    assert mixed.select(fused, ["lm_head", "layers.0.o_proj"]) == ["layers.0.o_proj", "lm_head"]
+    assert mixed.compress(["embedding", "layers.0.qkv_proj", "layers.0.o_proj", "layers.0.gate_up_proj",
+                           "layers.0.down_proj", "layers.1.qkv_proj"], ["embedding", *fused[:-1]]) == \
+        ["layers.0", "embedding", "layers.1.qkv_proj"]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_auto_keep_stops_at_the_threshold(tiny_fused_export, tmp_path, threshold):
+    """--auto-keep keeps the fewest leading sites float32 whose routing agreement on the search
+    prompts reaches the threshold: the kept count passed, one fewer was measured and failed
+    (or nothing is kept when fully quantized passes), and the graphs keep exactly those."""
+    from milora.calibration import mixed
+
+    _, out_dir = tiny_fused_export
+    m = quantize(out_dir, tmp_path / "q", precision="int4", auto_keep=True, threshold=threshold,
+                 force_agreement=True, **FAST)
+    record = m[mf.QUANTIZATION_KEY]["keep_float"]
+    search = record["search"]
+    by_kept = {t["kept"]: t for t in search["trials"]}
+    k = search["kept"]
+    assert search["reached"] and by_kept[k]["min"] >= threshold
+    if threshold == 0.0:
+        assert k == 0 and len(search["trials"]) == 1 and record["matmuls"] == []
+    else:
+        assert k > 0 and by_kept[k - 1]["min"] < threshold  # one fewer kept fails
+        chain = ["embedding"] + [f"layers.{l}.{s}" for l in range(2) for s in mixed.FUSED]
+        assert record["selectors"] == mixed.compress(chain[:k], chain)
+        assert set(record["matmuls"]) == set(chain[:k])
+        assert all(t["min"] < threshold for t in search["trials"] if t["kept"] < k)
+    assert m[mf.QUANTIZATION_KEY]["options"]["auto_keep"] is True

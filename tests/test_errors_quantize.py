@@ -106,3 +106,20 @@ def test_quantize_routing_agreement_below_threshold(capsys, tiny_export, tmp_pat
     m = quantize(out_dir, tmp_path / "q", precision="int4", threshold=1.0, force_agreement=True, report_prompts=12,
                  report_steps=1, progress=False)
     assert m["quantization"]["agreement"]["forced"] and m["quantization"]["agreement"]["below_threshold"]
+
+
+def test_quantize_keep_float_that_selects_nothing(capsys, tiny_export, tmp_path):
+    _, out_dir = tiny_export
+    q = tmp_path / "q"
+    args = [out_dir, q, "--precision", "int4", *FAST]
+    fails(capsys, quantize_cli.main, [*args, "--keep-float", "layers.7"],
+          "--keep-float 'layers.7' matches no weight MatMul of this export", "layers.0-1.{q_proj,",
+          "Fix: pick from those")
+    fails(capsys, quantize_cli.main, [*args, "--keep-float", "down_proj", "self.attn"],
+          "--keep-float 'self.attn': 'self' is neither layers.RANGE nor a module", "e.g. layers.0-3.down_proj")
+    fails(capsys, quantize_cli.main, [*args, "--keep-float", "layers.3-1"], "layer range '3-1' is malformed")
+    fails(capsys, quantize_cli.main, [*args, "--keep-float", "mlp.q_proj"], "'mlp.q_proj' matches no weight MatMul")
+    fails(capsys, quantize_cli.main, [*args, "--auto-keep", "--no-report"], "--auto-keep", "Fix: drop --no-report")
+    fails(capsys, quantize_cli.main, [out_dir, q, "--precision", "fp16", "--auto-keep", *FAST],
+          "--auto-keep with --precision fp16", "Fix:")
+    assert nothing_written(tmp_path, "q")

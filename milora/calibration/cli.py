@@ -34,6 +34,12 @@ def parser() -> ArgumentParser:
     p.add_argument("--reduce-range", action="store_true", help="int8-dynamic: 7-bit weights (x86 without VNNI)")
     p.add_argument("--no-embedding", dest="embedding", action="store_false", help="keep the embedding float32")
     p.add_argument("--no-lm-head", dest="lm_head", action="store_false", help="keep the LM head float32")
+    p.add_argument("--keep-float", action="extend", nargs="+", default=[], metavar="SELECTOR",
+                   help="keep these weight MatMuls float32 (mixed precision): down_proj, layers.0-3, "
+                        "layers.0-9.mlp, lm_head, ... (docs/quantization.md)")
+    p.add_argument("--auto-keep", action="store_true",
+                   help="search for the fewest leading weight MatMuls to keep float32 so that every tenant's "
+                        "routing agreement reaches --threshold (on prompts held out from the report)")
     p.add_argument("--calibration", default=None, metavar="FILE.jsonl|TASK",
                    help="prompts for calibration and the report: a JSONL file or a built-in task (default: random "
                         "token prompts, for tests only)")
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = QuantizeOptions(precision=args.precision, target=args.target, block_size=args.block_size,
                            accuracy_level=args.accuracy_level, symmetric=args.symmetric, per_channel=args.per_channel,
                            reduce_range=args.reduce_range, embedding=args.embedding, lm_head=args.lm_head,
+                           keep_float=args.keep_float, auto_keep=args.auto_keep,
                            calib_method=args.calib_method, percentile=args.percentile, calibration=args.calibration,
                            calib_samples=args.calib_samples, report=args.report, report_prompts=args.report_prompts,
                            report_steps=args.report_steps, threshold=args.threshold,

@@ -40,7 +40,7 @@ def name_nodes(graph: onnx.GraphProto, prefix: str = "milora_calib") -> int:
     were renamed. Names of already-unique nodes are kept."""
     seen: set[str] = set()
     renamed = 0
-    for i, node in enumerate(_all_nodes(graph)):
+    for i, node in enumerate(all_nodes(graph)):
         if not node.name or node.name in seen:
             node.name = f"{prefix}/{node.op_type}_{i}"
             renamed += 1
@@ -48,11 +48,12 @@ def name_nodes(graph: onnx.GraphProto, prefix: str = "milora_calib") -> int:
     return renamed
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The graph's nodes and, recursively, its subgraphs' (an If's branches)."""
     for node in graph.node:
         yield node
         for g in _subgraphs(node):
-            yield from _all_nodes(g)
+            yield from all_nodes(g)
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:

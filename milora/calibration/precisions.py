@@ -110,11 +110,19 @@ def int8_dynamic(model: onnx.ModelProto, plan: Plan, opts: Any, scratch_root: Pa
 def int4(model: onnx.ModelProto, plan: Plan, opts: Any) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from milora.calibration.graph import all_nodes
+
     by_name = {n.name: n for n in model.graph.node}
     matmuls = [n for n in plan.weight_matmuls if by_name[n].op_type == "MatMul"]  # MatMulNBits takes MatMul only
+    # onnxruntime's nodes_to_include only ADDS to op_types_to_quantize (every MatMul with a
+    # constant B would be quantized, the LM head and kept-float MatMuls included): the nodes
+    # that must stay float are named in nodes_to_exclude instead.
+    targets = set(matmuls + plan.embedding)
+    exclude = [n.name for n in all_nodes(model.graph) if n.op_type in ("MatMul", "Gather") and n.name not in targets]
     with _quiet():
         q = MatMulNBitsQuantizer(model, bits=4, block_size=opts.block_size, is_symmetric=opts.symmetric,
-                                 accuracy_level=opts.accuracy_level, nodes_to_include=matmuls + plan.embedding,
+                                 accuracy_level=opts.accuracy_level, nodes_to_include=sorted(targets),
+                                 nodes_to_exclude=exclude,
                                  op_types_to_quantize=("MatMul", "Gather") if plan.embedding else ("MatMul",),
                                  quant_axes=(("MatMul", 0), ("Gather", 1)))
         q.process()

@@ -52,6 +52,10 @@ class QuantizeOptions:
     reduce_range: bool = False
     embedding: bool = True  # quantize the embedding Gather too (int8 / int4) where onnxruntime can
     lm_head: bool = True  # quantize the LM head MatMul (it is the largest weight MatMul)
+    # mixed precision (mixed.py): weight MatMuls kept float32, by site selector (down_proj,
+    # layers.0-3, lm_head, ...); auto_keep: search for the fewest that reach the threshold
+    keep_float: list[str] = dataclasses.field(default_factory=list)
+    auto_keep: bool = False
     # int8-static / fp8: calibration method and data (calibrate.py): a JSONL file of prompts or a
     # built-in task name (milora.train.tasks); None: the tenants' own validation prompts.
     calib_method: str = "minmax"
@@ -106,6 +110,9 @@ class QuantizeOptions:
                 raise QuantizeError(f"--{name.replace('_', '-')} {getattr(self, name)}; expected an integer >= 1")
         if not 0.0 < self.percentile <= 100.0:
             raise QuantizeError(f"--percentile {self.percentile}; expected a value in (0, 100]")
+        from milora.calibration import mixed
+
+        mixed.check_options(self)
 
 
 def parse_eval_tasks(items: list[str]) -> dict[str, str]:
@@ -192,6 +199,13 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
             bar.set_description("calibrating")
             calib = calibration_set(out_dir, src, opts, uniform=opts.precision == "fp8")
         bar.update()
+        search = None
+        if opts.auto_keep:
+            from milora.calibration import mixed
+
+            bar.set_description("searching what stays float32")
+            search = mixed.search_keep_float(out_dir, src, opts, calib, tmp)
+            opts = dataclasses.replace(opts, keep_float=search["keep_float"])
         weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
         kept: dict[str, Any] = {}
         try:
@@ -219,6 +233,7 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
         quant = {"precision": opts.precision, "target": opts.target, "options": _recorded_options(opts),
                  "graphs": kept, "high_precision": high_precision(opts),
                  "calibration": calib.coverage if calib is not None else None,
+                 "keep_float": _kept_record(opts, kept, search),
                  "source": {"dir": str(out_dir), "weights_bytes": (out_dir / mf.WEIGHTS_FILE).stat().st_size},
                  "weights_bytes": (tmp / mf.WEIGHTS_FILE).stat().st_size}
         manifest[mf.QUANTIZATION_KEY] = quant
@@ -248,7 +263,18 @@ def _recorded_options(opts: QuantizeOptions) -> dict[str, Any]:
                     "calib_decode_steps"),
             "int4": ("block_size", "accuracy_level", "symmetric", "embedding", "lm_head")}[opts.precision]
     d = dataclasses.asdict(opts)
+    keep += ("keep_float", "auto_keep") if opts.precision != "fp16" else ()
     return {k: d[k] for k in keep} | {"threshold": opts.threshold, "force_agreement": opts.force_agreement}
+
+
+def _kept_record(opts: QuantizeOptions, graphs: dict[str, Any], search: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The weight MatMuls kept float32 by --keep-float / --auto-keep, by site (mixed.py)."""
+    sites = list(dict.fromkeys(s for g in graphs.values() for s in g.get("kept_float", [])))  # graph order
+    if not sites and search is None:
+        return None
+    return {"selectors": list(opts.keep_float), "matmuls": sites, "count": len(sites),
+            "weights_bytes_float32": max((g.get("kept_float_bytes", 0) for g in graphs.values()), default=0),
+            "search": search}
 
 
 def high_precision(opts: QuantizeOptions) -> dict[str, str]:
@@ -264,6 +290,10 @@ def high_precision(opts: QuantizeOptions) -> dict[str, str]:
         out["norms, attention, softmax, residuals"] = "float32: only weight MatMuls (and the embedding) are quantized"
     if not opts.lm_head:
         out["LM head"] = "float32 (--no-lm-head)"
+    if opts.keep_float:
+        out["kept weight MatMuls"] = (f"float32 (--keep-float {' '.join(opts.keep_float)}"
+                                      + (", found by --auto-keep" if opts.auto_keep else "")
+                                      + "): their quantization disturbed the routing most; listed under keep_float")
     if not opts.embedding or opts.precision in ("fp8",) or opts.target == "tensorrt":
         out["embedding"] = "float32 (TensorRT quantizes no Gather)" if opts.target == "tensorrt" else "float32"
     return out
@@ -274,11 +304,18 @@ def quantize_graph(model: onnx.ModelProto, graph: str, manifest: dict[str, Any],
     """One graph, quantized as opts says; returns it and a summary of what was targeted."""
     cg.name_nodes(model.graph)
     plan = cg.plan(model, manifest["base"]["vocab_size"])
+    kept = None
+    if opts.keep_float:
+        from milora.calibration import mixed
+
+        kept = mixed.keep_float(model, plan, manifest["base"], opts.keep_float)  # out of the plan
     if not opts.lm_head:
         plan.weight_matmuls = [n for n in plan.weight_matmuls if n not in plan.lm_head]
     if not opts.embedding:
         plan.embedding = []
     summary = plan.summary()
+    if kept is not None:
+        summary["kept_float"], summary["kept_float_bytes"] = kept
     if opts.precision == "fp16":
         out = qp.to_fp16(model, plan)
     elif opts.precision == "int8-dynamic":
