@@ -35,34 +35,44 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return reads
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
-    return {x for x in node.input if x} | _subgraph_reads(node)
+def _reads(node: onnx.NodeProto, cache: dict[tuple, set[str]]) -> set[str]:
+    """What a node reads (inputs and its subgraphs' outer reads), cached by its outputs (unique
+    in a graph; the repeated field copies nodes, so object identity does not last)."""
+    key = (node.op_type, tuple(node.output))
+    if key not in cache:
+        cache[key] = {x for x in node.input if x} | _subgraph_reads(node)
+    return cache[key]
 
 
-def _cone(nodes: list[onnx.NodeProto], sel_index: int, values: list[str], keep: set[str]) -> set[int]:
-    """Indices of the nodes before sel_index that only `values` need (see the module docstring);
-    keep: names that must stay visible in the main graph (graph outputs, the other side)."""
+def _maps(nodes: list[onnx.NodeProto], sel_index: int, cache: dict[tuple, set[str]]):
+    """(producer index of every value made before the select, reader indices of every value)."""
     producer = {o: i for i, n in enumerate(nodes[:sel_index]) for o in n.output if o}
     readers: dict[str, set[int]] = defaultdict(set)
     for i, n in enumerate(nodes):
         if i != sel_index:
-            for x in _reads(n):
+            for x in _reads(n, cache):
                 readers[x].add(i)
+    return producer, readers
+
+
+def _cone(nodes: list[onnx.NodeProto], values: list[str], keep: set[str], producer: dict[str, int],
+          readers: dict[str, set[int]], cache: dict[tuple, set[str]]) -> set[int]:
+    """Indices of the nodes before the select that only `values` need (see the module
+    docstring); keep: names that must stay visible in the main graph (graph outputs, the other
+    side)."""
     cone: set[int] = set()
     stack = [producer[v] for v in values if v in producer]
     while stack:  # ancestors of the side's values
         i = stack.pop()
         if i not in cone:
             cone.add(i)
-            stack.extend(producer[x] for x in _reads(nodes[i]) if x in producer)
-    changed = True
-    while changed:  # drop nodes something outside the cone reads
-        changed = False
-        for i in sorted(cone):
-            outs = [o for o in nodes[i].output if o]
-            if any(o in keep for o in outs) or any(r not in cone for o in outs for r in readers[o]):
-                cone.discard(i)
-                changed = True
+            stack.extend(producer[x] for x in _reads(nodes[i], cache) if x in producer)
+    # Drop nodes something outside the cone reads. Readers come later in the (topological)
+    # order, so one pass from the last node back decides each node after all its readers.
+    for i in sorted(cone, reverse=True):
+        outs = [o for o in nodes[i].output if o]
+        if any(o in keep for o in outs) or any(r not in cone for o in outs for r in readers[o]):
+            cone.discard(i)
     return cone
 
 
@@ -70,8 +80,9 @@ def select_to_if(model: onnx.ModelProto) -> int:
     """Replace every milora::Select of the main graph by an If; returns how many."""
     graph = model.graph
     count = 0
+    cache: dict[tuple, set[str]] = {}
+    nodes = list(graph.node)  # worked on as a list; written back once (the repeated field copies)
     while True:
-        nodes = list(graph.node)
         at = next((i for i, n in enumerate(nodes) if n.op_type == SELECT and n.domain == "milora"), None)
         if at is None:
             break
@@ -82,7 +93,9 @@ def select_to_if(model: onnx.ModelProto) -> int:
         if len(other) != n or len(types) != n:
             raise ExportError(f"internal: {sel.name or 'a Select node'} has {len(sel.input) - 1} values for n={n}")
         outputs = {o.name for o in graph.output}
-        cones = [_cone(nodes, at, side, outputs | set(rest)) for side, rest in ((then, other), (other, then))]
+        producer, readers = _maps(nodes, at, cache)
+        cones = [_cone(nodes, side, outputs | set(rest), producer, readers, cache)
+                 for side, rest in ((then, other), (other, then))]
         cones[1] -= cones[0]
         branches = []
         for side, cone, label in ((then, cones[0], "then"), (other, cones[1], "else")):
@@ -99,7 +112,14 @@ def select_to_if(model: onnx.ModelProto) -> int:
         iff = helper.make_node("If", [sel.input[0]], list(sel.output), name=(sel.name or sel.output[0]) + "/If",
                                then_branch=branches[0], else_branch=branches[1])
         rest.insert(before, iff)
-        del graph.node[:]
-        graph.node.extend(rest)
+        nodes = rest
         count += 1
+    if count:
+        final = []
+        for node in nodes:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            final.append(copy)
+        del graph.node[:]
+        graph.node.extend(final)
     return count

@@ -22,7 +22,11 @@ from milora.errors import MiloraError
 Pair = tuple[float, float]
 
 TOLERANCES: dict[tuple[str, str], dict[str, Pair | float]] = {
-    ("onnxruntime", "float32"): {"logits": (2e-4, 1e-4), "present": (1e-4, 1e-4), "gates": (1e-5, 1e-4),
+    # gates: a router pools hidden states whose outlier channels reach |x| ~ 600 on SmolLM2, so
+    # float32 rounding in another summation order moves its logits by ~1e-3 and a gate by a few
+    # 1e-4 (seen at 2.2e-4 and 3.4e-4 on a k=2 demo tenant with --torch-threads 1); a wrong
+    # gate formula is off by orders more, and the selections are compared exactly.
+    ("onnxruntime", "float32"): {"logits": (2e-4, 1e-4), "present": (1e-4, 1e-4), "gates": (1e-4, 1e-3),
                                  "margin": 1e-4},
     ("onnxruntime", "float16"): {"logits": (6e-2, 2e-2), "present": (3e-2, 2e-2), "gates": (4e-3, 1e-2),
                                  "margin": 2e-2},
