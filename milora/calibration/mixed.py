@@ -26,7 +26,6 @@ The automatic search (--auto-keep) is search_keep_float below.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import onnx
@@ -239,8 +238,6 @@ def search_keep_float(out_dir, src: dict[str, Any], opts, calib, scratch) -> dic
     Binary search on the number kept, assuming more float32 never hurts: about log2(#MatMuls)
     quantizations of the prefill graph. A --keep-float list is kept in any case."""
     import copy
-
-    import numpy as np
 
     from milora.calibration import calibrate
     from milora.calibration.agreement import _routing, _Tally, router_logits_session
