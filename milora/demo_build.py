@@ -188,7 +188,7 @@ def build(cache: Path, force: bool = False, isolate: bool = True, progress: bool
     if not force and export_is_current(out_dir, fp):
         say(f"[3/5] export: cached, matches its manifest and its inputs ({out_dir})")
     else:
-        say("[3/5] export: prefill + decode ONNX graphs of base + tenants, validated against PyTorch ...")
+        say("[3/5] export: ONNX export of base + tenants, validated against PyTorch ...")
         t0 = time.perf_counter()
         with _child_env():
             res = run_isolated("export", export_stage, str(base), {n: str(p) for n, p in tenants.items()},
