@@ -110,7 +110,7 @@ def agreement_report(src_dir: Path, quant_dir: Path, manifest: dict[str, Any], o
     nl = manifest["base"]["num_layers"]
     src_prefill, logit_names = router_logits_session(src_dir, manifest)
     sess = sessions or {}
-    one = manifest["graphs"]["prefill"]["file"] == manifest["graphs"]["decode"]["file"]  # fused: one graph
+    one = mf.graph_of(manifest, "decode") == "prefill"  # the fused flavour: one graph for both phases
     src = {"prefill": src_prefill, "decode": src_prefill if one else
            sess.get("src_decode") or session(src_dir / manifest["graphs"]["decode"]["file"])}
     qnt = {"prefill": session(quant_dir / manifest["graphs"]["prefill"]["file"])}

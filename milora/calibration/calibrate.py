@@ -145,13 +145,13 @@ class CalibrationSet:
     decode: list[dict[str, np.ndarray]] = field(default_factory=list)
     coverage: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, set[str]] = field(default_factory=dict)
+    one_graph: bool = False  # the fused flavour: one graph for both phases (manifest.graph_of)
 
     def reader(self, graph: str):
         from onnxruntime.quantization import CalibrationDataReader
 
         # One graph for both phases (the fused flavour): it is calibrated on the feeds of both.
-        one = self.inputs["prefill"] == self.inputs["decode"]
-        items = self.prefill + self.decode if one else self.prefill if graph == "prefill" else self.decode
+        items = self.prefill + self.decode if self.one_graph else self.prefill if graph == "prefill" else self.decode
         wanted = self.inputs[graph]
 
         class Reader(CalibrationDataReader):
@@ -211,7 +211,8 @@ def calibration_set(out_dir: Path, manifest: dict[str, Any], opts, uniform: bool
     slots = default_slots(manifest)
     banks = assemble_banks(out_dir, manifest, slots)
     prefill = session(out_dir / manifest["graphs"]["prefill"]["file"])
-    decode = session(out_dir / manifest["graphs"]["decode"]["file"])
+    decode = prefill if mf.graph_of(manifest, "decode") == "prefill" else \
+        session(out_dir / manifest["graphs"]["decode"]["file"])  # the fused flavour's one graph: opened once
     # the routing of every candidate, per tenant (batched by tenant)
     paths: dict[str, list[set]] = {}
     for t in tenants:
@@ -235,7 +236,8 @@ def calibration_set(out_dir: Path, manifest: dict[str, Any], opts, uniform: bool
         while len(rows) % CALIB_BATCH:
             rows.append(rows[len(rows) % len(rows)])
     longest = max(len(p) for _, p in rows) if uniform and rows else None
-    cs = CalibrationSet(inputs={g: {i["name"] for i in manifest["graphs"][g]["inputs"]} for g in ("prefill", "decode")})
+    cs = CalibrationSet(inputs={g: {i["name"] for i in manifest["graphs"][g]["inputs"]} for g in mf.GRAPH_ROLES},
+                        one_graph=mf.graph_of(manifest, "decode") == "prefill")
     for s in range(0, len(rows), CALIB_BATCH):
         chunk = rows[s:s + CALIB_BATCH]
         b = fd.prefill_feeds(manifest, [p for _, p in chunk], [manifest["tenants"][t]["slot"] for t, _ in chunk], banks,

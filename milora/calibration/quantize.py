@@ -209,9 +209,9 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
         weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
         kept: dict[str, Any] = {}
         try:
-            for graph in ("prefill", "decode"):
-                if graph == "decode" and src["graphs"]["decode"]["file"] == src["graphs"]["prefill"]["file"]:
-                    kept[graph] = kept["prefill"]  # the fused flavour: one graph for both phases, done
+            for graph in mf.GRAPH_ROLES:
+                if mf.graph_of(src, graph) != graph:  # the fused flavour: one graph for both phases, done
+                    kept[graph] = kept[mf.graph_of(src, graph)]
                     bar.update()
                     continue
                 bar.set_description(f"quantizing {graph}")
@@ -227,8 +227,7 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
         finally:
             weights.close()
         manifest = dict(src)
-        manifest["graphs"] = {g: dict(src["graphs"][g], external_initializers=weights.tables[g if g in weights.tables
-                                                                                   else "prefill"])
+        manifest["graphs"] = {g: dict(src["graphs"][g], external_initializers=weights.tables[mf.graph_of(src, g)])
                               for g in src["graphs"]}
         quant = {"precision": opts.precision, "target": opts.target, "options": _recorded_options(opts),
                  "graphs": kept, "high_precision": high_precision(opts),

@@ -175,20 +175,16 @@ def _export_into(model_dir: Path, tmp: Path, found: dict[str, Path], opts: Expor
     lowering = "tensorrt" if opts.target == "tensorrt" else opts.lora_lowering
     weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
     try:
-        traced = set()
-        for graph in ("prefill", "decode"):
-            file = manifest["graphs"][graph]["file"]
-            if file not in traced:  # the fused flavour: one graph for both phases
+        for graph in mf.GRAPH_ROLES:
+            if mf.graph_of(manifest, graph) == graph:  # the fused flavour's one graph serves decode too
                 bar.set_description(f"exporting {graph if fused is None else 'the graph'}")
-                export_graph(core, graph, tmp / file, manifest["graphs"][graph], opts.opset, lowering, weights, fused)
-                traced.add(file)
+                spec = manifest["graphs"][graph]
+                export_graph(core, graph, tmp / spec["file"], spec, opts.opset, lowering, weights, fused)
             bar.update()
     finally:
         weights.close()
-    first = {}
-    for graph in ("prefill", "decode"):
-        file = manifest["graphs"][graph]["file"]
-        manifest["graphs"][graph]["external_initializers"] = weights.tables[first.setdefault(file, graph)]
+    for graph in mf.GRAPH_ROLES:
+        manifest["graphs"][graph]["external_initializers"] = weights.tables[mf.graph_of(manifest, graph)]
     for name in mf.TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, tmp / name)

@@ -167,8 +167,11 @@ def sessions(root: Path, manifest: dict[str, Any], python_op: bool = False) -> d
     # Idle onnxruntime threads spin by default, stealing the CPU from the PyTorch reference
     # that runs between graph calls.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return {g: ort.InferenceSession(str(root / manifest["graphs"][g]["file"]), sess_options=opts,
-                                    providers=["CPUExecutionProvider"]) for g in ("prefill", "decode")}
+    out: dict[str, Any] = {}
+    for g in mf.GRAPH_ROLES:  # the fused flavour's one graph is opened once
+        out[g] = out.get(mf.graph_of(manifest, g)) or ort.InferenceSession(
+            str(root / manifest["graphs"][g]["file"]), sess_options=opts, providers=["CPUExecutionProvider"])
+    return out
 
 
 def run_graphs(root: Path, manifest: dict[str, Any], rows: list[Row], sess: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from milora.format import manifest as mf
-from milora.format.contract import EXPERT_INDEX
+from milora.format.contract import EXPERT_INDEX, NUM_EXPERTS
 
 def build(banks: dict[str, np.ndarray], slots: np.ndarray, gates: np.ndarray, base: dict[str, Any],
           max_rank: int, dtype: str) -> dict[str, np.ndarray]:
@@ -62,14 +62,7 @@ def build(banks: dict[str, np.ndarray], slots: np.ndarray, gates: np.ndarray, ba
 
 
 def empty(base: dict[str, Any], dtype: str) -> dict[str, np.ndarray]:
-    """Every lora.{l}.{g}.* input with no rows: what a prefill feeds (the graph builds its own)."""
-    layout = mf.lora_group_layout(base)
-    np_dtype = np.dtype(mf.NP_DTYPES[dtype])
-    out: dict[str, np.ndarray] = {}
-    for l in range(base["num_layers"]):
-        for g, _ in mf.LORA_GROUPS:
-            d_in, d_out, _ = layout[g]
-            rows, a, bb = mf.lora_inputs(l, g)
-            out[rows], out[a], out[bb] = (np.zeros((0, 1), np.int64), np.zeros((0, d_in, 0), np_dtype),
-                                          np.zeros((0, 0, d_out), np_dtype))
-    return out
+    """Every lora.{l}.{g}.* input with no rows: what a prefill feeds (the graph builds its own).
+    build() for a batch of no rows (it reads no bank then)."""
+    no_rows = np.zeros((0, base["num_layers"], NUM_EXPERTS), np.float32)
+    return build({}, np.zeros(0, np.int64), no_rows, base, 0, dtype)

@@ -102,6 +102,17 @@ def lora_group_layout(base: dict[str, Any]) -> dict[str, tuple[int, int, dict[st
     return out
 
 
+GRAPH_ROLES = ("prefill", "decode")
+
+
+def graph_of(manifest: dict[str, Any], role: str) -> str:
+    """The first role (GRAPH_ROLES order) whose graph file `role` also uses: `role` itself, or
+    "prefill" for decode in the fused flavour, whose one graph serves both. Open, quantize or
+    trace each graph once: for every role whose graph_of is another, reuse that one's."""
+    graphs = manifest["graphs"]
+    return next(r for r in GRAPH_ROLES if graphs[r]["file"] == graphs[role]["file"])
+
+
 def lora_inputs(layer: int, group: str) -> tuple[str, str, str]:
     """(rows, A, B): the fused decode graph's per-batch LoRA inputs of one layer and group."""
     return tuple(f"lora.{layer}.{group}.{part}" for part in ("rows", "A", "B"))  # type: ignore[return-value]

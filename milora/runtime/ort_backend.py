@@ -70,10 +70,9 @@ class OrtBackend:
             raise ManifestError(f"{root} was exported before the graphs shared one weights file; export it "
                                 "again to open it with share_weights=True")
         self.sessions = {}
-        for g in ("prefill", "decode"):
-            same = [h for h in self.sessions if graphs[h]["file"] == graphs[g]["file"]]
-            if same:  # the fused flavour: one graph for both phases, loaded (and its weights packed) once
-                self.sessions[g] = self.sessions[same[0]]
+        for g in mf.GRAPH_ROLES:
+            if mf.graph_of(manifest, g) != g:  # the fused flavour's one graph: loaded (weights packed) once
+                self.sessions[g] = self.sessions[mf.graph_of(manifest, g)]
                 continue
             opts = ort.SessionOptions()
             if threads:
