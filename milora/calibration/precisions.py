@@ -73,7 +73,6 @@ def to_fp16(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     first, produced NaN logits and gates on SmolLM2's fused prefill (its LoRA If branches),
     while passing on the tiny test models. A float16-compute graph for GPUs is milora-export
     --dtype fp16 (portable flavour)."""
-    import numpy as np
     from onnx import numpy_helper
 
     g = model.graph
