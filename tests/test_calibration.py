@@ -19,6 +19,7 @@ from milora.format import feeds as fd
 from milora.calibration.agreement import agreement_report
 from milora.calibration.quantize import QuantizeOptions, quantize
 from milora.errors import AgreementError
+from milora.export.branches import split
 from milora.format import manifest as mf
 from milora.runtime import Engine, SamplingParams
 
@@ -49,9 +50,15 @@ def quantized(exported, tmp_path_factory):
     return get
 
 
+def _phase(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """The graph that serves phase `name` as a flat model: the fused flavour's one graph holds
+    both phases under one If (branches.split takes that phase's model out); others as they are."""
+    return (split(model, mf.ROUTE) or {name: model})[name]
+
+
 def _graph(root, name):
     m = mf.read_manifest(root)
-    return onnx.load(str(root / m["graphs"][name]["file"]), load_external_data=True), m
+    return _phase(onnx.load(str(root / m["graphs"][name]["file"]), load_external_data=True), name), m
 
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul",
@@ -74,12 +81,12 @@ def _subgraph_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 def _router_ops_float32(model: onnx.ModelProto, vocab: int) -> bool:
     """Every MatMul of the routers (graph.plan's router nodes) takes float32 on both sides. The
-    fused graph's routers live in its per-layer If branches: there, no node is a quantized op
-    or a cast to float16 (the router MatMuls read the float32 router.weight bank)."""
+    fused graph's routers live in its prefill phase's per-layer If branches: there, no node is
+    a quantized op or a cast to float16 (the router MatMuls read the float32 router.weight bank)."""
     from milora.calibration import graph as cg
 
-    inner = _subgraph_nodes(model.graph)
     if _is_fused(model):
+        inner = _subgraph_nodes(model.graph)
         return (any(n.op_type == "MatMul" for n in inner) and not any(n.op_type in QUANTIZED_OPS for n in inner)
                 and not any(n.op_type == "Cast" and a.name == "to" and a.i == onnx.TensorProto.FLOAT16
                             for n in inner for a in n.attribute))
@@ -343,7 +350,7 @@ def test_keep_float_matmuls_stay_float32_and_are_recorded(exported, tmp_path, pr
     nl = src["base"]["num_layers"]
     assert nl == 2
     for g in ("prefill", "decode"):
-        source = onnx.load(str(out_dir / src["graphs"][g]["file"]), load_external_data=True)
+        source = _phase(onnx.load(str(out_dir / src["graphs"][g]["file"]), load_external_data=True), g)
         cg.name_nodes(source.graph)
         named = mixed.sites(source, cg.plan(source, src["base"]["vocab_size"]), src["base"])
         kept = {s for s in named if s.startswith("layers.1.")} | {"layers.0.down_proj", "lm_head"}

@@ -80,9 +80,18 @@ def test_fused_export_is_one_graph_opened_once(tiny_fused_export):
     assert m["graphs"]["prefill"]["inputs"] == m["graphs"]["decode"]["inputs"]
     assert sorted(p.name for p in out.glob("*.onnx")) == [mf.MODEL_FILE]
     model = onnx.load(str(out / mf.MODEL_FILE), load_external_data=False)
+    # One If on ROUTE: the prefill's model (routers in an If per layer, skipped when no row is
+    # routed) and decode's (no branch, no router, no bank read), over one set of weights.
     ifs = [n for n in model.graph.node if n.op_type == "If"]
-    assert len(ifs) == m["base"]["num_layers"] and all(n.input[0] == mf.ROUTE for n in ifs)
-    assert not any(n.op_type == "MatMul" and mf.ROUTER_WEIGHT in n.input for n in model.graph.node)
+    assert len(ifs) == 1 and ifs[0].input[0] == mf.ROUTE
+    prefill, decode = _branches(ifs[0])
+    assert _ops(prefill).count("If") == m["base"]["num_layers"]
+    assert "If" not in _ops(decode)
+    assert not {x for n in decode.node for x in n.input} & set(mf.bank_names("prefill"))
+    assert not any(n.op_type == "MatMul" for n in model.graph.node)  # every projection is in a branch
+    weights = {i.name for i in model.graph.initializer}
+    shared = {x for n in prefill.node if n.op_type == "MatMul" for x in n.input} & weights
+    assert shared and shared == {x for n in decode.node if n.op_type == "MatMul" for x in n.input} & weights
     backend = FusedOrtBackend(out, m)
     try:
         assert backend.sessions["prefill"] is backend.sessions["decode"]
@@ -122,3 +131,52 @@ def test_prefill_router_logits_and_gates_agree(tiny_fused_export):
                              lambda feeds: decoded.append(fd.run(sess, feeds)) or decoded[-1]):
         pass
     assert not decoded[0][mf.GATES].any() and not decoded[0][mf.ROUTER_LOGITS].any()
+
+
+def test_split_phases_run_alone_and_join_back(tiny_fused_export):
+    """branches.split cuts the fused graph into its prefill and decode models, each of which
+    computes what the graph computes in that phase; join puts them back (the same outputs,
+    every weight once), and a weight the two phases hold differently under one name is kept
+    apart (renamed) rather than merged."""
+    from milora.export.branches import join, split
+    from milora.format import feeds as fd
+    from milora.format.pack import assemble_banks, default_slots
+
+    _, out = tiny_fused_export
+    m = mf.read_manifest(out)
+    model = onnx.load(str(out / mf.MODEL_FILE))
+    parts = split(model, mf.ROUTE)
+    assert set(parts) == {"prefill", "decode"}
+    assert not any(n.op_type == "If" and n.input[0] == mf.ROUTE for p in parts.values() for n in p.graph.node)
+    joined = join(parts, model, mf.ROUTE)
+    assert sorted(i.name for i in joined.graph.initializer) == sorted(i.name for i in model.graph.initializer)
+    open_ = lambda proto: ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
+    whole, again, pre, dec = open_(model), open_(joined), open_(parts["prefill"]), open_(parts["decode"])
+    slots = default_slots(m)
+    banks = assemble_banks(out, m, slots)
+    tenants = sorted(m["tenants"])[:3]
+    batch = fd.prefill_feeds(m, [[5, 6, 7], [8, 9, 10, 11], [3, 4]], [slots.index(t) for t in tenants], banks,
+                             capacity=8)
+    want = fd.run(whole, batch.feeds)
+    assert want[mf.GATES].any()
+    for sess in (again, pre):
+        got = fd.run(sess, batch.feeds)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    steps = []
+    for _ in fd.decode_feeds(m, batch, want, banks, 1, lambda s: [4, 5, 6],
+                             lambda feeds: steps.append([fd.run(s, feeds) for s in (whole, again, dec)]) or steps[-1][0]):
+        pass
+    for got in steps[0][1:]:
+        for k in steps[0][0]:
+            np.testing.assert_array_equal(got[k], steps[0][0][k], err_msg=k)
+    # a weight the decode phase changed (as a quantizer might): joined apart, each phase its own
+    dec_model = parts["decode"]
+    name = next(n.input[1] for n in dec_model.graph.node if n.op_type == "MatMul"
+                and n.input[1] in {i.name for i in dec_model.graph.initializer})
+    init = next(i for i in dec_model.graph.initializer if i.name == name)
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 2.0, name))
+    apart = join(parts, model, mf.ROUTE)
+    names = {i.name for i in apart.graph.initializer}
+    assert name in names and f"{name}/decode" in names and len(names) == len(model.graph.initializer) + 1
+    open_(apart)

@@ -243,6 +243,7 @@ def search_keep_float(out_dir, src: dict[str, Any], opts, calib, scratch) -> dic
     from milora.calibration.agreement import _routing, _Tally, router_logits_session
     from milora.calibration.feeds import session
     from milora.calibration.quantize import quantize_graph
+    from milora.export.branches import split
     from milora.format import feeds as fd
     from milora.format import manifest as mf
     from milora.format.pack import assemble_banks, default_slots
@@ -264,6 +265,7 @@ def search_keep_float(out_dir, src: dict[str, Any], opts, calib, scratch) -> dic
     src_out = [fd.run(src_sess, b.feeds, [mf.GATES, *[x for x in logit_names if x]]) for _, _, b in batches]
     del src_sess
     base_model = onnx.load(str(out_dir / src["graphs"]["prefill"]["file"]), load_external_data=True)
+    base_model = (split(base_model, mf.ROUTE) or {"prefill": base_model})["prefill"]  # fused: its prefill phase
     cg.name_nodes(base_model.graph)
     plan = cg.plan(base_model, src["base"]["vocab_size"])
     named = sites(base_model, plan, src["base"])

@@ -25,6 +25,7 @@ import onnx
 from milora.calibration import graph as cg
 from milora.calibration import precisions as qp
 from milora.errors import QuantizeError
+from milora.export.branches import join, split
 from milora.format import manifest as mf
 from milora.format.outdir import check_out_dir, staged_directory
 
@@ -211,18 +212,26 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
         try:
             for graph in mf.GRAPH_ROLES:
                 if mf.graph_of(src, graph) != graph:  # the fused flavour: one graph for both phases, done
-                    kept[graph] = kept[mf.graph_of(src, graph)]
+                    kept.setdefault(graph, kept[mf.graph_of(src, graph)])
                     bar.update()
                     continue
                 bar.set_description(f"quantizing {graph}")
                 model = onnx.load(str(out_dir / src["graphs"][graph]["file"]), load_external_data=True)
-                model, summary = quantize_graph(model, graph, src, opts, calib, tmp)
-                if transform is not None:
-                    transform(model, graph, cg.plan(model, src["base"]["vocab_size"]))
+                phases = split(model, mf.ROUTE)
+                if phases is None:
+                    model, kept[graph] = quantize_graph(model, graph, src, opts, calib, tmp)
+                    if transform is not None:
+                        transform(model, graph, cg.plan(model, src["base"]["vocab_size"]))
+                else:  # the fused flavour's one graph: each phase's model apart, on its own calls
+                    phase_calib = dataclasses.replace(calib, one_graph=False) if calib is not None else None
+                    for role in phases:
+                        phases[role], kept[role] = quantize_graph(phases[role], role, src, opts, phase_calib, tmp)
+                        if transform is not None:
+                            transform(phases[role], role, cg.plan(phases[role], src["base"]["vocab_size"]))
+                    model = join(phases, model, mf.ROUTE)
                 qp.check_io(model, src["graphs"][graph], graph)
                 weights.externalize(model, graph)
                 onnx.save(model, str(tmp / src["graphs"][graph]["file"]))
-                kept[graph] = summary
                 bar.update()
         finally:
             weights.close()

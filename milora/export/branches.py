@@ -4,8 +4,10 @@ The tracer computes both sides of a select in the main graph. For each Select (u
 first, so an inner select is already an If when the outer one moves it), this pass finds each
 side's cone: the nodes whose outputs only that side's values need, directly or through other
 nodes of the cone (a node that anything else reads stays in the main graph, computed once).
-The cone moves into the If's branch, in its original order; the branch's outputs are Identity
-copies of the side's values (a branch may read, never re-export, an outer value). Values the
+The cone moves into the If's branch, in its original order. The branch's outputs are the
+side's values themselves where the cone makes them (so a large output, such as a KV buffer
+that an operator updates in place, is written straight into the If's output, never copied),
+and Identity copies of outer values (a branch may read, never re-export, an outer value). Values the
 cone reads from outside (graph inputs, initializers, main-graph nodes) are read from the outer
 scope, which ONNX If branches see.
 """
@@ -76,6 +78,56 @@ def _cone(nodes: list[onnx.NodeProto], values: list[str], keep: set[str], produc
     return cone
 
 
+def _rename_reads(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Point every read of a name in `names` (in graph and its subgraphs) at its replacement."""
+    for node in graph.node:
+        for k, x in enumerate(node.input):
+            if x in names:
+                node.input[k] = names[x]
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _rename_reads(sub, names)
+
+
+def drop_aliases(model: onnx.ModelProto) -> int:
+    """Remove the traced main graph's copies of a value under another name, before
+    select_to_if: Identity copies of initializers (the tracer writes one where a weight is used
+    twice, as when both sides of a select read it) and Casts to the type a value already has.
+    Their readers read the value itself, so a weight stays a constant to every reader
+    (onnxruntime prepacks a MatMul's constant weight once, however many nodes read it; an
+    Identity would copy it at every call), and onnxruntime finds no no-op left to remove from
+    inside a branch (which it cannot do, and says so at every session start). Returns how many."""
+    graph = model.graph
+    weights = {i.name for i in graph.initializer}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    for n in graph.node:  # the tracer records no type for some values; a Gather's is its data's
+        if n.op_type == "Gather" and n.input[0] in types:
+            types.setdefault(n.output[0], types[n.input[0]])
+    outputs = {o.name for o in graph.output}
+
+    def same(n: onnx.NodeProto) -> bool:
+        if not n.input or n.output[0] in outputs:
+            return False
+        if n.op_type == "Identity":
+            return n.input[0] in weights
+        if n.op_type == "Cast":
+            to = next((a.i for a in n.attribute if a.name == "to"), None)
+            return types.get(n.input[0]) == to
+        return False
+
+    alias = {n.output[0]: n.input[0] for n in graph.node if same(n)}
+    if alias:
+        for name in list(alias):  # an alias of an alias
+            while alias[name] in alias:
+                alias[name] = alias[alias[name]]
+        kept = [n for n in graph.node if not (n.output and n.output[0] in alias and same(n))]
+        del graph.node[:]
+        graph.node.extend(kept)
+        _rename_reads(graph, alias)
+    return len(alias)
+
+
 def select_to_if(model: onnx.ModelProto) -> int:
     """Replace every milora::Select of the main graph by an If; returns how many."""
     graph = model.graph
@@ -100,12 +152,19 @@ def select_to_if(model: onnx.ModelProto) -> int:
         branches = []
         for side, cone, label in ((then, cones[0], "then"), (other, cones[1], "else")):
             body = [nodes[i] for i in sorted(cone)]
-            outs = []
+            made = {o for i in cone for o in nodes[i].output if o}
+            outs, named = [], set()
             for k, (value, elem) in enumerate(zip(side, types)):
-                name = f"{sel.output[k]}/{label}"
-                body.append(helper.make_node("Identity", [value], [name], name=f"{name}/Identity"))
+                if value in made and value not in named:  # the branch's own value: its output as is
+                    name = value
+                else:  # an outer value, or one named twice: a branch output must be a value of its own
+                    name = f"{sel.output[k]}/{label}"
+                    body.append(helper.make_node("Identity", [value], [name], name=f"{name}/Identity"))
+                named.add(name)
                 outs.append(helper.make_tensor_value_info(name, elem, None))
-            branches.append(helper.make_graph(body, f"{sel.name or sel.output[0]}/{label}", [], outs))
+            made = {o for n in body for o in n.output}  # the types the tracer recorded go with their values
+            info = [v for v in graph.value_info if v.name in made]
+            branches.append(helper.make_graph(body, f"{sel.name or sel.output[0]}/{label}", [], outs, value_info=info))
         moved = cones[0] | cones[1]
         rest = [node for i, node in enumerate(nodes) if i not in moved and i != at]
         before = sum(1 for i in range(at) if i not in moved)
@@ -115,6 +174,10 @@ def select_to_if(model: onnx.ModelProto) -> int:
         nodes = rest
         count += 1
     if count:
+        made = {o for n in nodes for o in n.output}
+        kept_info = [v for v in graph.value_info if v.name in made]
+        del graph.value_info[:]
+        graph.value_info.extend(kept_info)
         final = []
         for node in nodes:
             copy = onnx.NodeProto()
@@ -123,3 +186,167 @@ def select_to_if(model: onnx.ModelProto) -> int:
         del graph.node[:]
         graph.node.extend(final)
     return count
+
+
+# ------------------------------------------------ the fused graph's two phases, apart and back
+#
+# The fused flavour's graph is one If on ROUTE over two whole models that read one set of
+# weights (the main graph's initializers): the prefill (then branch) and decode (else branch).
+# Tools that transform weight MatMuls one graph at a time (onnxruntime's quantizers) see a flat
+# model per phase: split() cuts the graph into those, join() puts transformed ones back under
+# one If, each initializer once (identical ones, such as a weight both phases quantized the same
+# way, are stored once; differing ones under the same name are renamed). Torch-free: onnx only.
+
+
+def route_if(model: onnx.ModelProto, route: str) -> onnx.NodeProto | None:
+    """The main graph's If on the route input, when it is the only thing the graph computes
+    after its shared nodes (its outputs are the graph's outputs); None for any other graph."""
+    graph = model.graph
+    ifs = [n for n in graph.node if n.op_type == "If" and n.input[0] == route]
+    if len(ifs) != 1 or list(ifs[0].output) != [o.name for o in graph.output]:
+        return None
+    return ifs[0]
+
+
+def _graph_reads(nodes) -> set[str]:
+    reads: set[str] = set()
+    for n in nodes:
+        reads.update(x for x in n.input if x)
+        reads.update(_subgraph_reads(n))
+    return reads
+
+
+def _rename_values(nodes, names: dict[str, str]) -> None:
+    """Rename values made and read by nodes (and read in their subgraphs)."""
+    for node in nodes:
+        for k, o in enumerate(node.output):
+            if o in names:
+                node.output[k] = names[o]
+    holder = helper.make_graph(nodes, "holder", [], [])
+    _rename_reads(holder, names)
+    del nodes[:]
+    nodes.extend(holder.node)
+
+
+def split(model: onnx.ModelProto, route: str) -> dict[str, onnx.ModelProto] | None:
+    """{"prefill": model, "decode": model}: each phase as a flat model with the graph's inputs
+    and outputs (the shared nodes, then the branch's), or None when the graph is not one If on
+    route (see above)."""
+    iff = route_if(model, route)
+    if iff is None:
+        return None
+    graph = model.graph
+    shared = [n for n in graph.node if n is not iff and list(n.output) != list(iff.output)]
+    branches = {a.name: a.g for a in iff.attribute}
+    weights = {i.name: i for i in graph.initializer}
+    parts = {}
+    for role, attr in (("prefill", "then_branch"), ("decode", "else_branch")):
+        branch = branches[attr]
+        nodes = []
+        for n in [*shared, *branch.node]:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            nodes.append(copy)
+        _rename_values(nodes, {b.name: o for b, o in zip(branch.output, iff.output)})
+        reads = _graph_reads(nodes)
+        inits = [weights[x] for x in weights if x in reads] + list(branch.initializer)
+        made = {o for n in nodes for o in n.output} - set(iff.output)
+        info = [v for v in [*graph.value_info, *branch.value_info] if v.name in made]
+        part = helper.make_graph(nodes, f"{graph.name}/{role}", list(graph.input), list(graph.output), initializer=inits,
+                                 value_info=info)
+        parts[role] = helper.make_model(part, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return parts
+
+
+def _same_tensor(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    from onnx import numpy_helper
+
+    if a.data_type != b.data_type or list(a.dims) != list(b.dims):
+        return False
+    return numpy_helper.to_array(a).tobytes() == numpy_helper.to_array(b).tobytes()
+
+
+def _toposorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """nodes in an order where each comes after the nodes making what it reads (its subgraphs'
+    outer reads too; names nothing here makes are outer values): onnxruntime requires it of a
+    branch, and quantizers append the nodes they add at the end. Stable: sorted input stays."""
+    cache: dict[tuple, set[str]] = {}
+    maker = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    waits = [sorted({maker[x] for x in _reads(n, cache) if x in maker}) for n in nodes]
+    state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 placed
+    order: list[int] = []
+    for first in range(len(nodes)):
+        stack = [(first, 0)]
+        while stack:
+            i, k = stack.pop()
+            if k == 0:
+                if state[i] == 2:
+                    continue
+                state[i] = 1
+            if k < len(waits[i]):
+                stack.append((i, k + 1))
+                j = waits[i][k]
+                if state[j] == 1:
+                    raise ExportError(f"the graph has a cycle through {nodes[j].name or nodes[j].op_type}")
+                if state[j] == 0:
+                    stack.append((j, 0))
+            else:
+                state[i] = 2
+                order.append(i)
+    return [nodes[i] for i in order]
+
+
+def join(parts: dict[str, onnx.ModelProto], like: onnx.ModelProto, route: str) -> onnx.ModelProto:
+    """The inverse of split(): one If on route over the (transformed) phases, their initializers
+    in the main graph, each once; like: the graph they were split from (its IO and names)."""
+    graph = like.graph
+    weights: dict[str, onnx.TensorProto] = {}
+    bodies = {}
+    for role, label in (("prefill", "then"), ("decode", "else")):
+        g = parts[role].graph
+        # A DequantizeLinear's constant inputs stay in the branch that reads them: onnxruntime's
+        # Q/DQ fusions look a weight up in the node's own graph only (and fail without it).
+        local_names = {x for n in g.node if n.op_type == "DequantizeLinear" for x in n.input}
+        local = [i for i in g.initializer if i.name in local_names]
+        renamed = {}
+        for init in g.initializer:
+            if init.name in local_names:
+                continue
+            if init.name in weights and not _same_tensor(weights[init.name], init):
+                renamed[init.name] = f"{init.name}/{role}"
+            name = renamed.get(init.name, init.name)
+            if name not in weights:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(init)
+                copy.name = name
+                weights[name] = copy
+        nodes = []
+        for n in g.node:
+            copy_node = onnx.NodeProto()
+            copy_node.CopyFrom(n)
+            nodes.append(copy_node)
+        # A branch may not make a value the main graph makes (its outputs): rename those.
+        renamed.update({o.name: f"{o.name}/{label}" for o in g.output})
+        _rename_values(nodes, renamed)
+        made = {o for n in nodes for o in n.output}
+        outs = []
+        for o in g.output:
+            name = renamed[o.name]
+            if name not in made:  # a graph input or initializer passed out as is: a branch must make its outputs
+                nodes.append(helper.make_node("Identity", [renamed.get(name, name) if name in renamed else o.name],
+                                              [name + "/out"], name=f"{name}/out/Identity"))
+                name += "/out"
+            outs.append(helper.make_tensor_value_info(name, o.type.tensor_type.elem_type, None))
+        made = {o for n in nodes for o in n.output}
+        info = [v for v in g.value_info if v.name in made and v.name not in renamed]
+        bodies[label] = helper.make_graph(_toposorted(nodes), f"{graph.name}/{label}", [], outs, initializer=local,
+                                          value_info=info)
+    iff = helper.make_node("If", [route], [o.name for o in graph.output], name=f"{route}/If",
+                           then_branch=bodies["then"], else_branch=bodies["else"])
+    main = helper.make_graph([iff], graph.name, list(graph.input), list(graph.output), initializer=list(weights.values()))
+    opsets: dict[str, int] = {}
+    for m in (like, *parts.values()):
+        for op in m.opset_import:
+            opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
+    return helper.make_model(main, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                             ir_version=max(m.ir_version for m in (like, *parts.values())))

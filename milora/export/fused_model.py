@@ -1,7 +1,8 @@
 """The fused flavour's export-side model: the same decoder as BankModel, written with
 onnxruntime's fused operators (fused_ops.py) and packed projections, traced into ONE graph
 that serves both phases (so onnxruntime loads and prepacks the weights once), with few nodes
-and KV updated in place.
+and KV updated in place (GroupQueryAttention writes straight into the If's output, the bound
+buffer: branches.select_to_if).
 
 Shape legend: B rows, T new tokens, M KV capacity, L layers, d hidden, D head dim, H / Hkv
 heads, I intermediate size, n rows using a LoRA group, r its rank.
@@ -16,23 +17,23 @@ One layer (x = the normed residual stream; the residual itself is what the route
     gu      = x @ W_gate_up [d, 2I]                               + LoRA update of gate, up
     out     = (silu(gate) * up) @ W_down                          + LoRA update of down
 
-LoRA updates, both phases: y[rows] += (x[rows] @ A) @ B per layer and group (rows_lora: 4
-nodes), A and B holding the rows' selected modules with their gates folded in, applied twice
-per group: once with decode's lora.{l}.{g}.* inputs (format/lora_batch.py, built once per
-batch by the runtime from the prefill's gates; no rows in a prefill) and once with the rows
-the graph builds in a prefill (none in decode). Those come from the graph's one branch per
-layer, an If on the ROUTE input:
+LoRA updates: y[rows] += (x[rows] @ A) @ B per layer and group (rows_lora: 4 nodes), A and
+B holding the rows' selected modules with their gates folded in. The graph is one If on the
+ROUTE input over two whole models that read the same weights (the main graph's initializers,
+loaded and prepacked once):
 
-    route (prefill)  the layer's routers run on the hidden state entering the layer (as
+    route (prefill)  each layer's routers run on the hidden state entering the layer (as
                      BankModel; skipped by an inner If when no row has a routed tenant, the
-                     gates are then the slots' fixed gates), and rows / A / B are built from the
-                     banks: rows that use a module of the group, A = the group's lora_A side
-                     by side, B = the gated lora_B blocks in their output columns
-    decode           no rows (empty constants): decode's own inputs do not pass through the
-                     If, whose outputs are copies (Identity) at every call
+                     gates are then the slots' fixed gates), and rows / A / B are built from
+                     the banks: rows that use a module of the group, A = the group's lora_A
+                     side by side, B = the gated lora_B blocks in their output columns
+    decode           rows / A / B are decode's lora.{l}.{g}.* inputs (format/lora_batch.py,
+                     built once per batch by the runtime from the prefill's gates), read by
+                     the branch from the outer scope (no copy); no If inside
 
-so a decode step runs no router and no bank gather, and a batch of base rows (no routed
-tenant) runs no router in prefill either. Prompts are right-padded (row b's tokens first):
+so a decode step runs one If and no router, bank gather or per-layer branch (an If per layer
+cost about 0.2 ms a step each on SmolLM2: docs/export.md), and a batch of base rows (no
+routed tenant) runs no router in prefill either. Prompts are right-padded (row b's tokens first):
 GroupQueryAttention keeps per-row lengths; a prefill writes the KV buffers from position 0.
 """
 
@@ -176,25 +177,23 @@ class FusedGraph(nn.Module):
         routed = bank[mf.SLOT_OPTIONS][slots][:, mf.OPTION_COLUMNS.index("routed")] == 1  # [B]
         any_routed = routed.to(torch.float32).amax(0) > 0  # []
         state: dict[int, list[Tensor]] = {}
-        # What decode's side of the branch returns: no rows. decode's own LoRA inputs are applied
-        # outside the If: passing them through it would copy them (Identity) at every step.
-        no_rows = []
-        for g, _ in mf.LORA_GROUPS:
-            d_in, d_out, _ = f.layout[g]
-            no_rows += [torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, d_in, 0), torch.zeros(0, 0, d_out)]
 
-        def lora(l, group, x, y, entering):
-            if group == "qkv":  # the layer's one branch (see the module docstring)
+        def prefill_lora(l, group, x, y, entering):
+            if group == "qkv":  # the layer's routers, then its rows (see the module docstring)
                 fixed = bank[mf.SLOT_FIXED_GATES][slots]  # [B, 7]
                 gates, z = select(any_routed, list(route_layer(entering, mask, slots, bank, l, with_logits=True)),
                                   [fixed, torch.zeros_like(fixed)])  # [B, 7] each
-                made = [gates, z, *prefill_rows(gates, slots, bank, l, f.layout)]
-                none = torch.zeros(b, NUM_EXPERTS)
-                state[l] = select(route, made, [none, none, *no_rows])
+                state[l] = [gates, z, *prefill_rows(gates, slots, bank, l, f.layout)]
             i = 3 * groups[group]
-            y = rows_lora(y, x, *given[l * per_layer + i:l * per_layer + i + 3])  # decode's (none in a prefill)
-            return rows_lora(y, x, *state[l][2 + i:2 + i + 3])  # a prefill's (none in decode)
+            return rows_lora(y, x, *state[l][2 + i:2 + i + 3])
 
-        logits, presents = f.run(input_ids, seqlens_k, total, past, lora, logits_index)
-        return (logits, *presents, torch.stack([state[l][0] for l in range(n)], dim=1),
-                torch.stack([state[l][1] for l in range(n)], dim=1))
+        def decode_lora(l, group, x, y, entering):
+            i = l * per_layer + 3 * groups[group]
+            return rows_lora(y, x, *given[i:i + 3])
+
+        logits, presents = f.run(input_ids, seqlens_k, total, past, prefill_lora, logits_index)
+        gates = torch.stack([state[l][0] for l in range(n)], dim=1)  # [B, L, 7]
+        z = torch.stack([state[l][1] for l in range(n)], dim=1)
+        d_logits, d_presents = f.run(input_ids, seqlens_k, total, past, decode_lora, logits_index)
+        none = torch.zeros(b, n, NUM_EXPERTS)
+        return tuple(select(route, [logits, *presents, gates, z], [d_logits, *d_presents, none, none]))

@@ -106,10 +106,11 @@ def export_graph(core: BankModel, graph: str, path: Path, io: dict, opset: int, 
         shutil.rmtree(scratch, ignore_errors=True)
     lower(model, lowering, core.base["num_layers"])
     if fused is not None:
-        from milora.export.branches import select_to_if
+        from milora.export.branches import drop_aliases, select_to_if
         from milora.export.fused_ops import packed_qkv
 
         packed_qkv(model.graph)
+        drop_aliases(model)
         select_to_if(model)
     declare_fixed_dims(model, io)
     weights.externalize(model, graph)
