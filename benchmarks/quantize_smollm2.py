@@ -7,7 +7,7 @@ One run does everything:
   1. prepare (cached in --work): the float32 export (default flavour: fused) of SmolLM2 with the
      demo tenants (arc-easy, boolq, gsm-symbolic; milora-assets demo-tenants) and 9 slots; a
      prompts file from each tenant's own task (dev split: half calibrates, half is the report's);
-     milora-quantize at fp16, int8-dynamic, int4 with the agreement report and each tenant's
+     milora-quantize at fp16, int8-dynamic, int8-weight, int4 with the agreement report and each tenant's
      task accuracy on its task's test split; genai's int4 build (its model builder, -p int4 -e cpu).
   2. measure: each (system, batch) in a fresh process: load, one warm-up generation, then one
      timed greedy generation of --new tokens; decode tok/s = B x (new - 1) / (last token time -
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ("Explain in a few sentences why the sky is blue, and what changes at sunset when the light "
           "travels through more of the atmosphere.")
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int4")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight", "int4")
 TASK_OF = {"arc-easy": "arc_e", "boolq": "boolq", "gsm-symbolic": "gsm_symbolic"}
 GENAI_PYTHON = "/tmp/peers/genai/bin/python"
 

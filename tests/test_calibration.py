@@ -25,7 +25,8 @@ from milora.runtime import Engine, SamplingParams
 
 FAST = dict(report_prompts=4, report_steps=2, calib_samples=8, calib_decode_steps=2, progress=False)
 # ops each precision must leave in the graphs (onnxruntime's kernels for it)
-EXPECTED_OPS = {"fp16": "Cast", "int8-dynamic": "MatMulInteger", "int8-static": "QuantizeLinear", "int4": "MatMulNBits"}
+EXPECTED_OPS = {"fp16": "Cast", "int8-dynamic": "MatMulInteger", "int8-static": "QuantizeLinear", "int4": "MatMulNBits",
+                "int8-weight": "MatMulNBits"}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def _router_ops_float32(model: onnx.ModelProto, vocab: int) -> bool:
     return bool(matmuls) and all(types.get(x) == onnx.TensorProto.FLOAT for n in matmuls for x in n.input)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8-dynamic", "int4", "int8-static"])
+@pytest.mark.parametrize("precision", ["fp16", "int8-dynamic", "int4", "int8-static", "int8-weight"])
 def test_each_precision_runs_and_serves(exported, quantized, precision):
     _, out_dir = exported
     qdir = quantized(precision)
@@ -118,7 +119,12 @@ def test_each_precision_runs_and_serves(exported, quantized, precision):
     prefill, _ = _graph(qdir, "prefill")
     assert _router_ops_float32(prefill, m["base"]["vocab_size"]), "a router MatMul is not float32"
     smaller = q["weights_bytes"] / q["source"]["weights_bytes"]
-    assert smaller < {"fp16": 0.6, "int8-dynamic": 0.45, "int8-static": 0.45, "int4": 0.35}[precision], smaller
+    assert smaller < {"fp16": 0.6, "int8-dynamic": 0.45, "int8-static": 0.45, "int4": 0.35, "int8-weight": 0.6}[precision], \
+        smaller
+    if precision in ("int4", "int8-weight"):  # the bits asked for, and int8-weight's embedding float32
+        bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+        assert bits == {4 if precision == "int4" else 8}, bits
+        assert ("GatherBlockQuantized" in ops) == (precision == "int4"), sorted(ops)
     # served unchanged, every tenant and the bare base model, in one mixed batch
     with Engine(qdir, max_batch=8) as engine:
         reqs = engine.generate_batch([{"tenant": t, "prompt_ids": [5, 6, 7, 8 + i],
@@ -419,3 +425,28 @@ def test_auto_keep_stops_at_the_threshold(tiny_fused_export, tmp_path, threshold
         assert set(record["matmuls"]) == set(chain[:k])
         assert all(t["min"] < threshold for t in search["trials"] if t["kept"] < k)
     assert m[mf.QUANTIZATION_KEY]["options"]["auto_keep"] is True
+
+
+def test_fused_phases_share_their_quantized_weights(tiny_fused_export, tmp_path):
+    """milora-quantize quantizes the fused graph's two phases apart and joins them (branches.join):
+    a weight both phases quantized the same way is stored once, and fp16's Cast of a stored
+    weight stands once in the main graph (in each branch, onnxruntime would fold it into a
+    float32 copy per branch), so both branches read one copy."""
+    _, out_dir = tiny_fused_export
+    for precision in ("fp16", "int4"):
+        qdir = tmp_path / precision
+        m = quantize(out_dir, qdir, precision=precision, force_agreement=True, report=False, progress=False)
+        model = onnx.load(str(qdir / m["graphs"]["prefill"]["file"]), load_external_data=False)
+        weights = {i.name for i in model.graph.initializer}
+        parts = split(model, mf.ROUTE)
+        assert parts is not None
+        reads = {role: {x for n in _subgraph_nodes(model.graph) for x in n.input} for role in parts}
+        if precision == "fp16":
+            casts = [n for n in model.graph.node if n.op_type == "Cast"]
+            assert casts and all(n.input[0] in weights for n in casts)
+            inner = [n for n in _subgraph_nodes(model.graph) if n.op_type == "Cast" and n.input[0] in weights]
+            assert not inner, [n.name for n in inner]
+        else:
+            nbits = {role: {n.input[1] for n in p.graph.node if n.op_type == "MatMulNBits"} for role, p in parts.items()}
+            assert nbits["prefill"] and nbits["prefill"] == nbits["decode"]  # the same quantized weights, by name
+            assert nbits["prefill"] <= weights and nbits["prefill"] <= reads["prefill"]

@@ -244,7 +244,7 @@ def check_agreement(report: dict[str, Any], threshold: float, force: bool, preci
              f"{v['next_token_agreement']:.4f}, KL {v['kl_mean']:.3g})" for t, v in sorted(below.items())]
     raise AgreementError(f"{precision or 'the quantized'} export's routing agreement with the float32 source is below "
                          f"the threshold {threshold}: {'; '.join(parts)}; nothing was written. Fix: try a higher "
-                         "precision (int8-dynamic, int4 with --block-size 16 or --accuracy-level 0), or pass "
+                         "precision (int8-weight, --keep-float / --auto-keep for mixed precision, int4 with --block-size 16), or pass "
                          "--force-agreement to write it anyway (the report goes with it)", report=report)
 
 

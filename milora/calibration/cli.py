@@ -21,15 +21,16 @@ def parser() -> ArgumentParser:
     p.add_argument("quant_dir", type=Path, help="where the quantized export goes (must be empty unless --force)")
     p.add_argument("--precision", required=True, choices=PRECISIONS,
                    help="fp16; int8-dynamic (weights int8, activations per call); int8-static (Q/DQ, calibrated); "
-                        "int4 (weight-only MatMulNBits); fp8 (Q/DQ for TensorRT)")
+                        "int8-weight (weight-only 8-bit MatMulNBits, embedding float32); int4 (weight-only "
+                        "MatMulNBits); fp8 (Q/DQ for TensorRT)")
     p.add_argument("--target", default=d.target, choices=QUANT_TARGETS,
                    help="onnxruntime (default) or tensorrt: explicit-quantization Q/DQ graphs for TensorRT "
                         "(int8-static, fp8; engines are built on a GPU machine)")
-    p.add_argument("--block-size", type=int, default=d.block_size, help=f"int4 block size (default {d.block_size})")
+    p.add_argument("--block-size", type=int, default=d.block_size, help=f"int4 / int8-weight block size (default {d.block_size})")
     p.add_argument("--accuracy-level", type=int, default=d.accuracy_level,
-                   help=f"int4 MatMulNBits accuracy level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute "
+                   help=f"int4 / int8-weight MatMulNBits accuracy level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute "
                         f"(default {d.accuracy_level}, the fastest on CPU)")
-    p.add_argument("--asymmetric", dest="symmetric", action="store_false", help="int4: asymmetric blocks (zero points)")
+    p.add_argument("--asymmetric", dest="symmetric", action="store_false", help="int4 / int8-weight: asymmetric blocks (zero points)")
     p.add_argument("--per-tensor", dest="per_channel", action="store_false", help="int8: one scale per weight tensor")
     p.add_argument("--reduce-range", action="store_true", help="int8-dynamic: 7-bit weights (x86 without VNNI)")
     p.add_argument("--no-embedding", dest="embedding", action="store_false", help="keep the embedding float32")

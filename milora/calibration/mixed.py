@@ -182,7 +182,7 @@ def check_options(opts) -> None:
                             "--no-report")
     if opts.auto_keep and opts.precision == "fp16":
         raise QuantizeError("--auto-keep with --precision fp16: fp16 stores weights float16 and computes float32, "
-                            "there is nothing to search. Fix: use --auto-keep with int8-dynamic, int8-static or int4")
+                            "there is nothing to search. Fix: use --auto-keep with int8-dynamic, int8-static, int8-weight or int4")
 
 
 def keep_float(model: onnx.ModelProto, plan: cg.Plan, base: dict[str, Any],

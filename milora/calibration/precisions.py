@@ -10,6 +10,8 @@ weights loaded, nodes named by graph.name_nodes), ModelProto out, graph IO names
                   int8 activations (zero point 0), no Gather (the form TensorRT's explicit
                   quantization takes)
     fp8           as int8-static for TensorRT with float8 e4m3 (opset >= 19)
+    int8-weight   weight-only MatMulNBits with 8 bits (block size, accuracy level); embedding
+                  float32 (the routing stays closest to float32: that is what it is for)
     int4          weight-only MatMulNBits (block size, accuracy level); embedding as
                   GatherBlockQuantized (int4, block-wise along d)
 
@@ -106,7 +108,9 @@ def int8_dynamic(model: onnx.ModelProto, plan: Plan, opts: Any, scratch_root: Pa
         return _load(tmp / "q.onnx")
 
 
-def int4(model: onnx.ModelProto, plan: Plan, opts: Any) -> onnx.ModelProto:
+def nbits(model: onnx.ModelProto, plan: Plan, opts: Any, bits: int) -> onnx.ModelProto:
+    """Weight-only block quantization (MatMulNBits, `bits` 4 or 8) of the plan's weight MatMuls
+    and embedding (GatherBlockQuantized); activations stay float32."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from milora.calibration.graph import all_nodes
@@ -119,7 +123,7 @@ def int4(model: onnx.ModelProto, plan: Plan, opts: Any) -> onnx.ModelProto:
     targets = set(matmuls + plan.embedding)
     exclude = [n.name for n in all_nodes(model.graph) if n.op_type in ("MatMul", "Gather") and n.name not in targets]
     with _quiet():
-        q = MatMulNBitsQuantizer(model, bits=4, block_size=opts.block_size, is_symmetric=opts.symmetric,
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=opts.block_size, is_symmetric=opts.symmetric,
                                  accuracy_level=opts.accuracy_level, nodes_to_include=sorted(targets),
                                  nodes_to_exclude=exclude,
                                  op_types_to_quantize=("MatMul", "Gather") if plan.embedding else ("MatMul",),

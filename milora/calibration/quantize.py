@@ -29,7 +29,7 @@ from milora.export.branches import join, split
 from milora.format import manifest as mf
 from milora.format.outdir import check_out_dir, staged_directory
 
-PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int4", "fp8")
+PRECISIONS = mf.QUANT_PRECISIONS  # the manifest defines them (format/manifest.py)
 QUANT_TARGETS = ("onnxruntime", "tensorrt")
 CALIB_METHODS = ("minmax", "entropy", "percentile", "distribution")
 # Graph files quantize() rewrites; everything else of OUT_DIR is copied as is.
@@ -43,7 +43,7 @@ class QuantizeOptions:
     # (Q/DQ) graphs in the form TensorRT consumes (int8-static, fp8 only; engines are built on a
     # GPU machine with milora-build-engines, docs/tensorrt.md).
     target: str = "onnxruntime"
-    # int4: MatMulNBits block size along K (16..256, a power of two) and accuracy level (0 unset,
+    # int4 / int8-weight: MatMulNBits block size along K (16..256, a power of two) and accuracy level (0 unset,
     # 1 fp32, 2 fp16, 3 bf16, 4 int8 compute: the fastest on CPU).
     block_size: int = 32
     accuracy_level: int = 4
@@ -269,7 +269,8 @@ def _recorded_options(opts: QuantizeOptions) -> dict[str, Any]:
                             "calib_samples", "calib_decode_steps"),
             "fp8": ("per_channel", "lm_head", "calib_method", "percentile", "calibration", "calib_samples",
                     "calib_decode_steps"),
-            "int4": ("block_size", "accuracy_level", "symmetric", "embedding", "lm_head")}[opts.precision]
+            "int4": ("block_size", "accuracy_level", "symmetric", "embedding", "lm_head"),
+            "int8-weight": ("block_size", "accuracy_level", "symmetric", "lm_head")}[opts.precision]
     d = dataclasses.asdict(opts)
     keep += ("keep_float", "auto_keep") if opts.precision != "fp16" else ()
     return {k: d[k] for k in keep} | {"threshold": opts.threshold, "force_agreement": opts.force_agreement}
@@ -302,7 +303,10 @@ def high_precision(opts: QuantizeOptions) -> dict[str, str]:
         out["kept weight MatMuls"] = (f"float32 (--keep-float {' '.join(opts.keep_float)}"
                                       + (", found by --auto-keep" if opts.auto_keep else "")
                                       + "): their quantization disturbed the routing most; listed under keep_float")
-    if not opts.embedding or opts.precision in ("fp8",) or opts.target == "tensorrt":
+    if opts.precision == "int8-weight":
+        out["embedding"] = ("float32: 8-bit weight-only keeps the routing closest to float32 (its purpose), and the "
+                            "embedding feeds every layer's router")
+    elif not opts.embedding or opts.precision in ("fp8",) or opts.target == "tensorrt":
         out["embedding"] = "float32 (TensorRT quantizes no Gather)" if opts.target == "tensorrt" else "float32"
     return out
 
@@ -319,7 +323,7 @@ def quantize_graph(model: onnx.ModelProto, graph: str, manifest: dict[str, Any],
         kept = mixed.keep_float(model, plan, manifest["base"], opts.keep_float)  # out of the plan
     if not opts.lm_head:
         plan.weight_matmuls = [n for n in plan.weight_matmuls if n not in plan.lm_head]
-    if not opts.embedding:
+    if not opts.embedding or opts.precision == "int8-weight":
         plan.embedding = []
     summary = plan.summary()
     if kept is not None:
@@ -328,8 +332,8 @@ def quantize_graph(model: onnx.ModelProto, graph: str, manifest: dict[str, Any],
         out = qp.to_fp16(model, plan)
     elif opts.precision == "int8-dynamic":
         out = qp.int8_dynamic(model, plan, opts, scratch)
-    elif opts.precision == "int4":
-        out = qp.int4(model, plan, opts)
+    elif opts.precision in ("int4", "int8-weight"):
+        out = qp.nbits(model, plan, opts, bits=4 if opts.precision == "int4" else 8)
     else:
         out = qp.qdq_static(model, plan, opts, calib.reader(graph), scratch, tensorrt=opts.target == "tensorrt",
                             fp8=opts.precision == "fp8")

@@ -296,12 +296,22 @@ def _toposorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     return [nodes[i] for i in order]
 
 
+def _constant_only(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> bool:
+    """A node that reads only main-graph initializers and has no subgraph (a Cast of a weight:
+    onnxruntime folds it into a new initializer once, where it stands)."""
+    return (bool(node.input) and all(x in weights for x in node.input if x) and node.op_type != "DequantizeLinear"
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
+
+
 def join(parts: dict[str, onnx.ModelProto], like: onnx.ModelProto, route: str) -> onnx.ModelProto:
     """The inverse of split(): one If on route over the (transformed) phases, their initializers
-    in the main graph, each once; like: the graph they were split from (its IO and names)."""
+    in the main graph, each once, and a constant-only node both phases hold identically (such as
+    the Cast of a float16-stored weight) once in the main graph: in a branch each, onnxruntime
+    would fold it into a float32 copy per branch. like: the graph they were split from (its IO
+    and names)."""
     graph = like.graph
     weights: dict[str, onnx.TensorProto] = {}
-    bodies = {}
+    phases = {}
     for role, label in (("prefill", "then"), ("decode", "else")):
         g = parts[role].graph
         # A DequantizeLinear's constant inputs stay in the branch that reads them: onnxruntime's
@@ -328,14 +338,19 @@ def join(parts: dict[str, onnx.ModelProto], like: onnx.ModelProto, route: str) -
         # A branch may not make a value the main graph makes (its outputs): rename those.
         renamed.update({o.name: f"{o.name}/{label}" for o in g.output})
         _rename_values(nodes, renamed)
+        phases[label] = (g, nodes, renamed, local)
+    then_const = {n.SerializeToString(): n for n in phases["then"][1] if _constant_only(n, weights)}
+    shared = [n for n in phases["else"][1] if _constant_only(n, weights) and n.SerializeToString() in then_const]
+    hoisted = {n.SerializeToString() for n in shared}
+    bodies = {}
+    for label, (g, nodes, renamed, local) in phases.items():
+        nodes = [n for n in nodes if n.SerializeToString() not in hoisted]
         made = {o for n in nodes for o in n.output}
         outs = []
         for o in g.output:
             name = renamed[o.name]
             if name not in made:  # a graph input or initializer passed out as is: a branch must make its outputs
-                nodes.append(helper.make_node("Identity", [renamed.get(name, name) if name in renamed else o.name],
-                                              [name + "/out"], name=f"{name}/out/Identity"))
-                name += "/out"
+                nodes.append(helper.make_node("Identity", [o.name], [name], name=f"{name}/Identity"))
             outs.append(helper.make_tensor_value_info(name, o.type.tensor_type.elem_type, None))
         made = {o for n in nodes for o in n.output}
         info = [v for v in g.value_info if v.name in made and v.name not in renamed]
@@ -343,7 +358,8 @@ def join(parts: dict[str, onnx.ModelProto], like: onnx.ModelProto, route: str) -
                                           value_info=info)
     iff = helper.make_node("If", [route], [o.name for o in graph.output], name=f"{route}/If",
                            then_branch=bodies["then"], else_branch=bodies["else"])
-    main = helper.make_graph([iff], graph.name, list(graph.input), list(graph.output), initializer=list(weights.values()))
+    main = helper.make_graph([*shared, iff], graph.name, list(graph.input), list(graph.output),
+                             initializer=list(weights.values()))
     opsets: dict[str, int] = {}
     for m in (like, *parts.values()):
         for op in m.opset_import:

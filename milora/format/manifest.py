@@ -287,7 +287,7 @@ MANIFEST_KEYS = ("format", "format_version", "tool_versions", "base", "experts",
 # A runtime needs none of it (the graph IO contract is the one above); it records what was done.
 QUANTIZATION_KEY = "quantization"
 OPTIONAL_KEYS = (QUANTIZATION_KEY,)
-QUANT_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int4", "fp8")
+QUANT_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weight", "int4", "fp8")
 
 
 def sha256_file(path: Path) -> str:
