@@ -641,6 +641,9 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=HERE / "results" / "peers.json")
     p.add_argument("--charts", type=Path, default=HERE / "results")
     p.add_argument("--from-json", type=Path, help="print the report of an earlier run and exit")
+    p.add_argument("--only", nargs="+", metavar="SYSTEM",
+                   help="measure only these systems (e.g. milora-base milora-k1-r16 genai: a repeat of the ratios "
+                        "the targets name, with more rounds)")
     args = p.parse_args()
     if args.from_json:
         print(report(json.loads(args.from_json.read_text())))
@@ -678,6 +681,12 @@ def main() -> None:
     log(f"setup done in {time.perf_counter() - t_start:.0f} s; floor {floor}")
 
     specs = systems(args, paths)
+    if args.only:
+        unknown = set(args.only) - {s["system"] for s in specs}
+        if unknown:
+            raise SystemExit(f"--only {' '.join(sorted(unknown))}: no such system; expected some of "
+                             f"{', '.join(dict.fromkeys(s['system'] for s in specs))}")
+        specs = [s for s in specs if s["system"] in args.only]
     samples: dict[tuple[str, int], list[dict]] = {(s["system"], s["batch"]): [] for s in specs}
     first: dict[tuple[str, int], dict] = {}
     for rnd in range(args.rounds):  # interleaved: every system once per round, same order
