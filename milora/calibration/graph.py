@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 
 import onnx
 
+from milora.export.branches import outer_reads, subgraphs
 from milora.format import manifest as mf
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -52,35 +53,15 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """The graph's nodes and, recursively, its subgraphs' (an If's branches)."""
     for node in graph.node:
         yield node
-        for g in _subgraphs(node):
+        for g in subgraphs(node):
             yield from all_nodes(g)
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def _outer_inputs(graph: onnx.GraphProto) -> set[str]:
-    """Names a subgraph reads from the enclosing scope (implicit inputs of its node)."""
-    made = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(x for x in node.input if x)
-        for g in _subgraphs(node):
-            used |= _outer_inputs(g)
-        made.update(node.output)
-    return used - made
 
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """Explicit inputs plus the outer-scope names its subgraphs read (an If's branches)."""
     names = [x for x in node.input if x]
-    for g in _subgraphs(node):
-        names += sorted(_outer_inputs(g))
+    for g in subgraphs(node):
+        names += sorted(outer_reads(g))
     return names
 
 

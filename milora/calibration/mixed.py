@@ -270,8 +270,7 @@ def search_keep_float(out_dir, src: dict[str, Any], opts, calib, scratch) -> dic
     plan = cg.plan(base_model, src["base"]["vocab_size"])
     named = sites(base_model, plan, src["base"])
     # the embedding first (it feeds layer 0), then the layers; the LM head reads no router
-    quantizes_embedding = opts.embedding and opts.precision != "int8-weight"  # (int8-weight keeps it float32)
-    chain = [s for s in named if s != "lm_head" and (s != "embedding" or quantizes_embedding)]
+    chain = [s for s in named if s != "lm_head" and (s != "embedding" or opts.quantizes_embedding)]
     nl = src["base"]["num_layers"]
     lead = int(bool(chain) and chain[0] == "embedding")
     trials: list[dict[str, Any]] = []

@@ -79,6 +79,12 @@ class QuantizeOptions:
     progress: bool = True
     seed: int = 0
 
+    @property
+    def quantizes_embedding(self) -> bool:
+        """Whether the embedding Gather is quantized: --embedding, except int8-weight (which keeps
+        it float32: high_precision says why)."""
+        return self.embedding and self.precision != "int8-weight"
+
     def check(self) -> None:
         if self.precision not in PRECISIONS:
             raise QuantizeError(f"--precision {self.precision!r} is not supported; expected one of {', '.join(PRECISIONS)}")
@@ -323,7 +329,7 @@ def quantize_graph(model: onnx.ModelProto, graph: str, manifest: dict[str, Any],
         kept = mixed.keep_float(model, plan, manifest["base"], opts.keep_float)  # out of the plan
     if not opts.lm_head:
         plan.weight_matmuls = [n for n in plan.weight_matmuls if n not in plan.lm_head]
-    if not opts.embedding or opts.precision == "int8-weight":
+    if not opts.quantizes_embedding:
         plan.embedding = []
     summary = plan.summary()
     if kept is not None:

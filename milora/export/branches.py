@@ -15,6 +15,7 @@ scope, which ONNX If branches see.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Iterable, Iterator
 
 import onnx
 from onnx import helper
@@ -24,17 +25,31 @@ from milora.errors import ExportError
 SELECT = "Select"
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs (If / Loop bodies, recursively) read from outside themselves."""
-    reads: set[str] = set()
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """A node's subgraphs (an If's branches, a Loop's body)."""
     for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            made = {i.name for i in sub.initializer} | {i.name for i in sub.input}
-            for n in sub.node:
-                reads.update(x for x in n.input if x and x not in made)
-                reads.update(x for x in _subgraph_reads(n) if x not in made)
-                made.update(n.output)
-    return reads
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph (and, recursively, its own subgraphs) reads from the enclosing scope:
+    the implicit inputs of the node that holds it."""
+    made = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(x for x in node.input if x)
+        for sub in subgraphs(node):
+            used |= outer_reads(sub)
+        made.update(node.output)
+    return used - made
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from outside themselves."""
+    return set().union(*(outer_reads(g) for g in subgraphs(node)))
 
 
 def _reads(node: onnx.NodeProto, cache: dict[tuple, set[str]]) -> set[str]:
@@ -78,15 +93,15 @@ def _cone(nodes: list[onnx.NodeProto], values: list[str], keep: set[str], produc
     return cone
 
 
-def _rename_reads(graph: onnx.GraphProto, names: dict[str, str]) -> None:
-    """Point every read of a name in `names` (in graph and its subgraphs) at its replacement."""
-    for node in graph.node:
+def _rename_reads(nodes: Iterable[onnx.NodeProto], names: dict[str, str]) -> None:
+    """Point every read of a name in `names` (by these nodes and in their subgraphs) at its
+    replacement, in place."""
+    for node in nodes:
         for k, x in enumerate(node.input):
             if x in names:
                 node.input[k] = names[x]
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                _rename_reads(sub, names)
+        for sub in subgraphs(node):
+            _rename_reads(sub.node, names)
 
 
 def drop_aliases(model: onnx.ModelProto) -> int:
@@ -124,7 +139,7 @@ def drop_aliases(model: onnx.ModelProto) -> int:
         kept = [n for n in graph.node if not (n.output and n.output[0] in alias and same(n))]
         del graph.node[:]
         graph.node.extend(kept)
-        _rename_reads(graph, alias)
+        _rename_reads(graph.node, alias)
     return len(alias)
 
 
@@ -208,24 +223,13 @@ def route_if(model: onnx.ModelProto, route: str) -> onnx.NodeProto | None:
     return ifs[0]
 
 
-def _graph_reads(nodes) -> set[str]:
-    reads: set[str] = set()
-    for n in nodes:
-        reads.update(x for x in n.input if x)
-        reads.update(_subgraph_reads(n))
-    return reads
-
-
-def _rename_values(nodes, names: dict[str, str]) -> None:
-    """Rename values made and read by nodes (and read in their subgraphs)."""
+def _rename_values(nodes: list[onnx.NodeProto], names: dict[str, str]) -> None:
+    """Rename values made and read by nodes (and read in their subgraphs), in place."""
     for node in nodes:
         for k, o in enumerate(node.output):
             if o in names:
                 node.output[k] = names[o]
-    holder = helper.make_graph(nodes, "holder", [], [])
-    _rename_reads(holder, names)
-    del nodes[:]
-    nodes.extend(holder.node)
+    _rename_reads(nodes, names)
 
 
 def split(model: onnx.ModelProto, route: str) -> dict[str, onnx.ModelProto] | None:
@@ -236,7 +240,7 @@ def split(model: onnx.ModelProto, route: str) -> dict[str, onnx.ModelProto] | No
     if iff is None:
         return None
     graph = model.graph
-    shared = [n for n in graph.node if n is not iff and list(n.output) != list(iff.output)]
+    shared = [n for n in graph.node if list(n.output) != list(iff.output)]
     branches = {a.name: a.g for a in iff.attribute}
     weights = {i.name: i for i in graph.initializer}
     parts = {}
@@ -248,7 +252,8 @@ def split(model: onnx.ModelProto, route: str) -> dict[str, onnx.ModelProto] | No
             copy.CopyFrom(n)
             nodes.append(copy)
         _rename_values(nodes, {b.name: o for b, o in zip(branch.output, iff.output)})
-        reads = _graph_reads(nodes)
+        cache: dict[tuple, set[str]] = {}
+        reads = set().union(*(_reads(n, cache) for n in nodes))
         inits = [weights[x] for x in weights if x in reads] + list(branch.initializer)
         made = {o for n in nodes for o in n.output} - set(iff.output)
         info = [v for v in [*graph.value_info, *branch.value_info] if v.name in made]
@@ -287,7 +292,9 @@ def _toposorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
                 stack.append((i, k + 1))
                 j = waits[i][k]
                 if state[j] == 1:
-                    raise ExportError(f"the graph has a cycle through {nodes[j].name or nodes[j].op_type}")
+                    raise ExportError(f"internal: the graph being joined has a cycle through "
+                                      f"{nodes[j].name or nodes[j].op_type}; expected an acyclic graph. This is a bug "
+                                      "in milora: report it with the command line")
                 if state[j] == 0:
                     stack.append((j, 0))
             else:
@@ -300,7 +307,7 @@ def _constant_only(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -
     """A node that reads only main-graph initializers and has no subgraph (a Cast of a weight:
     onnxruntime folds it into a new initializer once, where it stands)."""
     return (bool(node.input) and all(x in weights for x in node.input if x) and node.op_type != "DequantizeLinear"
-            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
+            and next(subgraphs(node), None) is None)
 
 
 def join(parts: dict[str, onnx.ModelProto], like: onnx.ModelProto, route: str) -> onnx.ModelProto:
@@ -339,12 +346,15 @@ def join(parts: dict[str, onnx.ModelProto], like: onnx.ModelProto, route: str) -
         renamed.update({o.name: f"{o.name}/{label}" for o in g.output})
         _rename_values(nodes, renamed)
         phases[label] = (g, nodes, renamed, local)
-    then_const = {n.SerializeToString(): n for n in phases["then"][1] if _constant_only(n, weights)}
-    shared = [n for n in phases["else"][1] if _constant_only(n, weights) and n.SerializeToString() in then_const]
-    hoisted = {n.SerializeToString() for n in shared}
+    # Serialized, to compare; only the constant-only nodes (few and small) are.
+    const = {label: {n.SerializeToString(): n for n in nodes if _constant_only(n, weights)}
+             for label, (_, nodes, _, _) in phases.items()}
+    hoisted = const["then"].keys() & const["else"].keys()
+    shared = [n for key, n in const["else"].items() if key in hoisted]
     bodies = {}
     for label, (g, nodes, renamed, local) in phases.items():
-        nodes = [n for n in nodes if n.SerializeToString() not in hoisted]
+        moved = {id(n) for key, n in const[label].items() if key in hoisted}
+        nodes = [n for n in nodes if id(n) not in moved]
         made = {o for n in nodes for o in n.output}
         outs = []
         for o in g.output:
