@@ -180,3 +180,37 @@ def test_split_phases_run_alone_and_join_back(tiny_fused_export):
     names = {i.name for i in apart.graph.initializer}
     assert name in names and f"{name}/decode" in names and len(names) == len(model.graph.initializer) + 1
     open_(apart)
+
+
+def test_export_without_tenants_is_the_plain_graph(tmp_path):
+    """No tenants: no If, router or LoRA input, and gate and up as two MatMuls (no Split, which
+    costs onnxruntime more than a MatMul); the export's validation against PyTorch passed, and
+    greedy generation equals transformers' on the same model."""
+    from transformers import AutoModelForCausalLM
+
+    from export_helpers import make_model_dir
+    from milora.export.exporter import export
+    from milora.runtime import Engine, SamplingParams
+    from runtime_helpers import add_word_tokenizer
+
+    model_dir = make_model_dir(tmp_path, tenants={}, hidden=64)
+    add_word_tokenizer(model_dir)
+    m = export(model_dir, tmp_path / "out", progress=False)
+    assert m["flavour"] == mf.FLAVOUR_FUSED and not m["tenants"]
+    assert max(m["validation"]["max_error"].values()) < 1e-4
+    model = onnx.load(str(tmp_path / "out" / mf.MODEL_FILE), load_external_data=False)
+    ops = _ops(model.graph)
+    layers = m["base"]["num_layers"]
+    assert "If" not in ops and "Split" not in ops
+    assert ops.count("MatMul") == 5 * layers + 1  # qkv, o, gate, up, down per layer; the LM head
+    assert not [i.name for i in model.graph.input if i.name.startswith("lora.") or i.name == mf.ROUTE]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt = [5, 17, 33, 2, 60, 41, 9]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    with Engine(tmp_path / "out", verify=False) as engine:
+        got = engine.submit(None, prompt_ids=prompt, params=SamplingParams(max_new_tokens=8, ignore_eos=True))
+        engine.run_until_done()
+    assert got.output_ids == want

@@ -171,7 +171,7 @@ def _export_into(model_dir: Path, tmp: Path, found: dict[str, Path], opts: Expor
     if opts.flavour == mf.FLAVOUR_FUSED:
         from milora.export.fused_model import FusedCore
 
-        fused = FusedCore(core, base.get("max_position_embeddings")).eval()
+        fused = FusedCore(core, base.get("max_position_embeddings"), pack_gate_up=bool(tenants)).eval()
     lowering = "tensorrt" if opts.target == "tensorrt" else opts.lora_lowering
     weights = SharedWeights(tmp / mf.WEIGHTS_FILE)
     try:

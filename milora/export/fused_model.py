@@ -17,6 +17,9 @@ One layer (x = the normed residual stream; the residual itself is what the route
     gu      = x @ W_gate_up [d, 2I]                               + LoRA update of gate, up
     out     = (silu(gate) * up) @ W_down                          + LoRA update of down
 
+An export without tenants keeps gate and up apart (gate = x @ W_gate, up = x @ W_up): the same
+weights read, and no Split, which costs onnxruntime more than a MatMul's dispatch (docs/export.md).
+
 LoRA updates: y[rows] += (x[rows] @ A) @ B per layer and group (rows_lora: 4 nodes), A and
 B holding the rows' selected modules with their gates folded in. The graph is one If on the
 ROUTE input over two whole models that read the same weights (the main graph's initializers,
@@ -67,7 +70,7 @@ def check_fusable(base: dict, dtype: str) -> list[str]:
 class FusedCore(nn.Module):
     """Packed weights and the fused layer over a BankModel's HF modules (see the module docstring)."""
 
-    def __init__(self, core: BankModel, max_positions: int | None = None):
+    def __init__(self, core: BankModel, max_positions: int | None = None, pack_gate_up: bool = True):
         super().__init__()
         problems = check_fusable(core.base, {torch.float32: "float32"}.get(core.dtype, str(core.dtype)))
         if problems:
@@ -78,15 +81,18 @@ class FusedCore(nn.Module):
         pos = torch.arange(max_positions or DEFAULT_MAX_POSITIONS, dtype=torch.float32)[:, None] * core.inv_freq
         self.register_buffer("cos_cache", (pos.cos() * core.rope_scale).to(core.dtype), persistent=False)
         self.register_buffer("sin_cache", (pos.sin() * core.rope_scale).to(core.dtype), persistent=False)
-        self.qkv_w, self.qkv_b, self.gate_up_w = nn.ParameterList(), [], nn.ParameterList()
+        self.qkv_w, self.qkv_b, self.gate_up_w, self.gate_up_b = nn.ParameterList(), [], nn.ParameterList(), []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.qkv_w.append(nn.Parameter(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
                                            requires_grad=False))  # [H*D + 2*Hkv*D, d]
             biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
             self.qkv_b.append(torch.cat(biases) if all(b is not None for b in biases) else None)
-            self.gate_up_w.append(nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                                               requires_grad=False))  # [2I, d]
+            if pack_gate_up:  # the LoRA group gate_up updates both at once
+                self.gate_up_w.append(nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                                                   requires_grad=False))  # [2I, d]
+                mlp_biases = [mlp.gate_proj.bias, mlp.up_proj.bias]
+                self.gate_up_b.append(torch.cat(mlp_biases) if all(b is not None for b in mlp_biases) else None)
         self.layout = mf.lora_group_layout(self.base)
 
     def run(self, ids: Tensor, seqlens_k: Tensor, total: Tensor, past: list[tuple[Tensor, Tensor]], lora,
@@ -112,8 +118,13 @@ class FusedCore(nn.Module):
             presents += [k_out, v_out]
             o = lora(l, "o", a, layer.self_attn.o_proj(a), res)
             x, res = skip_rms_norm(res, o, ln2.weight, ln2.variance_epsilon)
-            gate, up = torch.split(lora(l, "gate_up", x, x @ self.gate_up_w[l].t(), res),
-                                   self.base["intermediate_size"], dim=-1)
+            if len(self.gate_up_w):
+                gu = x @ self.gate_up_w[l].t()
+                if self.gate_up_b[l] is not None:
+                    gu = gu + self.gate_up_b[l]
+                gate, up = torch.split(lora(l, "gate_up", x, gu, res), self.base["intermediate_size"], dim=-1)
+            else:  # no tenants: no LoRA update to add
+                gate, up = layer.mlp.gate_proj(x), layer.mlp.up_proj(x)
             act = F.silu(gate) * up
             out = lora(l, "down", act, layer.mlp.down_proj(act), res)
         norm = self.core.hf.model.norm

@@ -57,7 +57,8 @@ class Backend(Protocol):
         when the batch's membership changes, never per step (routing is fixed after prefill)."""
 
     def decode(self, ids: np.ndarray, kv: KVState, rows: Any) -> np.ndarray:
-        """One token per running row: ids [B] -> logits [B, V] float32; kv advances by one."""
+        """One token per running row: ids [B] -> logits [B, V] float32; kv advances by one. The
+        logits may be the backend's output buffer (no copy): valid until the next decode or extend."""
 
     def extend(self, ids: np.ndarray, new_mask: np.ndarray, kv: KVState, rows: Any) -> np.ndarray:
         """T tokens per row (new_mask [B, T]: 0 marks right padding) -> logits [B, T, V]."""

@@ -54,6 +54,18 @@ class FusedKV:
 
 
 @dataclass
+class StepIO:
+    """What a decode step feeds and gets back, for one batch shape [B, T] (CPU): arrays that the
+    bound OrtValues share, so a step writes its inputs in place and binds nothing."""
+
+    ids: np.ndarray  # [B, T] int64
+    seqlens: np.ndarray  # [B] int32
+    total: np.ndarray  # [] int32
+    index: np.ndarray  # [B, T] int64: 0..T-1 (logits of every new token)
+    logits: np.ndarray  # [B, T, V]: decode's result, rewritten by the next step
+
+
+@dataclass
 class FusedRows:
     """bind_rows' result: the running rows' per-batch LoRA inputs (OrtValues keep them alive)."""
 
@@ -76,6 +88,10 @@ class FusedOrtBackend(OrtBackend):
         self._tenants = mf.ROUTE in self._decode_inputs  # an export without tenants has no routing inputs
         self._bound_rows: FusedRows | None = None
         self._bound_kv: FusedKV | None = None
+        self._io: StepIO | None = None
+        self.vocab_size = manifest["base"]["vocab_size"]
+        out_type = {o.name: o.type for o in self.sessions["decode"].get_outputs()}[mf.LOGITS]
+        self._logits_dtype = np.float16 if out_type == "tensor(float16)" else np.float32
         value = lambda a: self.ort.OrtValue.ortvalue_from_numpy(a, self.device)  # noqa: E731
         prefill, decode = self._bindings["prefill"], self._bindings["decode"]
         if self._tenants:  # fixed per phase: bound once
@@ -85,8 +101,8 @@ class FusedOrtBackend(OrtBackend):
                              if n in self._decode_inputs}  # a prefill builds its LoRA rows in the graph
             for name, v in self._no_rows.items():
                 prefill.bind_ortvalue_input(name, v)
-        # Logits are bound first, so they stay the binding's first output when KV is rebound.
-        decode.bind_output(mf.LOGITS, self.device)
+        if self.device != "cpu":  # bound first, so logits stay the binding's first output when KV is rebound
+            decode.bind_output(mf.LOGITS, self.device)
 
     # ---- prefill ----
 
@@ -147,7 +163,8 @@ class FusedOrtBackend(OrtBackend):
     # ---- decode ----
 
     def decode(self, ids: np.ndarray, kv: FusedKV, rows: FusedRows) -> np.ndarray:
-        """One token per row: ids [B] -> logits [B, V]; KV written in place, lengths + 1."""
+        """One token per row: ids [B] -> logits [B, V]; KV written in place, lengths + 1. On CPU
+        the logits are the graph's output buffer: valid until the next decode or extend."""
         return self._step(ids.reshape(-1, 1), kv, rows)[:, -1, :]
 
     def extend(self, ids: np.ndarray, new_mask: np.ndarray, kv: FusedKV, rows: FusedRows) -> np.ndarray:
@@ -156,8 +173,9 @@ class FusedOrtBackend(OrtBackend):
         past their own end read their padding, which nothing uses)."""
         ids = np.asarray(ids, np.int64)
         if ids.shape[0] == 1 or ids.shape[1] == 1:
-            return self._step(ids, kv, rows)
-        return np.concatenate([self._step(ids[:, t:t + 1], kv, rows) for t in range(ids.shape[1])], axis=1)
+            return self._step(ids, kv, rows).copy()
+        return np.concatenate([self._step(ids[:, t:t + 1], kv, rows).copy() for t in range(ids.shape[1])],
+                              axis=1)  # each step reuses the output buffer
 
     def _step(self, ids: np.ndarray, kv: FusedKV, rows: FusedRows) -> np.ndarray:
         if not isinstance(rows, FusedRows) or rows.count != ids.shape[0] or len(kv.lengths) != ids.shape[0]:
@@ -178,18 +196,42 @@ class FusedOrtBackend(OrtBackend):
                 binding.bind_ortvalue_output(present, value)  # the same memory: updated in place
             self._bound_kv = kv
         ends = kv.lengths + t  # tokens per row after this call
-        index = np.broadcast_to(np.arange(t, dtype=np.int64), ids.shape)  # logits of every new token
-        for name, value in ((mf.INPUT_IDS, ids), (mf.SEQLENS_K, (ends - 1).astype(np.int32)),
-                            (mf.TOTAL_SEQUENCE_LENGTH, np.array(ends.max(), np.int32)), (mf.LOGITS_INDEX, index)):
-            binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value),
-                                                                                      self.device))
-        binding.bind_output(mf.LOGITS, self.device)
-        self.sessions["decode"].run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+        if self.device == "cpu":
+            io = self._step_io(ids.shape)
+            io.ids[...] = ids
+            io.seqlens[...] = ends - 1
+            io.total[...] = ends.max()
+            self.sessions["decode"].run_with_iobinding(binding)
+            logits = io.logits.astype(np.float32, copy=False)
+        else:
+            index = np.broadcast_to(np.arange(t, dtype=np.int64), ids.shape)  # logits of every new token
+            for name, value in ((mf.INPUT_IDS, ids), (mf.SEQLENS_K, (ends - 1).astype(np.int32)),
+                                (mf.TOTAL_SEQUENCE_LENGTH, np.array(ends.max(), np.int32)), (mf.LOGITS_INDEX, index)):
+                binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value),
+                                                                                          self.device))
+            binding.bind_output(mf.LOGITS, self.device)
+            self.sessions["decode"].run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+            self._pull(kv)  # the host arrays are the truth between membership changes
         kv.lengths = ends
-        if self.device != "cpu":  # the host arrays are the truth between membership changes
-            self._pull(kv)
         return logits
+
+    def _step_io(self, shape: tuple[int, int]) -> StepIO:
+        """The decode binding's step inputs and logits output for a batch of this shape [B, T],
+        bound once (CPU: onnxruntime reads and writes the numpy arrays themselves)."""
+        if self._io is not None and self._io.ids.shape == shape:
+            return self._io
+        b, t = shape
+        io = StepIO(np.zeros(shape, np.int64), np.zeros(b, np.int32), np.zeros((), np.int32),
+                    np.ascontiguousarray(np.broadcast_to(np.arange(t, dtype=np.int64), shape)),  # every new token
+                    np.zeros((b, t, self.vocab_size), self._logits_dtype))
+        binding = self._bindings["decode"]
+        for name, a in ((mf.INPUT_IDS, io.ids), (mf.SEQLENS_K, io.seqlens), (mf.TOTAL_SEQUENCE_LENGTH, io.total),
+                        (mf.LOGITS_INDEX, io.index)):
+            binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(a, self.device))
+        binding.bind_ortvalue_output(mf.LOGITS, self.ort.OrtValue.ortvalue_from_numpy(io.logits, self.device))
+        self._io = io
+        return io
 
     # ---- KV (host copies only when membership changes or a buffer fills) ----
 
@@ -243,5 +285,5 @@ class FusedOrtBackend(OrtBackend):
         return self._gather([(kv, rows)], _round_up(int(kv.lengths.max(initial=0)) + 1))
 
     def close(self) -> None:
-        self._bound_rows = self._bound_kv = None
+        self._bound_rows = self._bound_kv = self._io = None
         super().close()
