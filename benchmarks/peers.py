@@ -34,6 +34,7 @@ measured memory read bandwidth (2 threads).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -301,18 +302,32 @@ def export_milora(base_dir: Path, out: Path, adapters: dict[str, Path]) -> Path:
     from milora.export.exporter import export
     from milora.format.manifest import read_manifest
 
+    stamp = out.with_name(out.name + ".code")  # the exporter code that wrote it: a changed graph is exported again
+    code = exporter_code_hash()
     if (out / "manifest.json").is_file():
         try:
             read_manifest(out)  # written by this milora's format (else: export again)
-            return out
+            if stamp.is_file() and stamp.read_text() == code:
+                return out
+            log(f"{out.name}: written by other exporter code; exporting again")
         except ManifestError as e:
             log(f"{out.name}: {e}; exporting again")
 
     t0 = time.perf_counter()
     export(base_dir, out, adapters={k: str(v) for k, v in adapters.items()}, validate=False, force=True,
            torch_threads=1, progress=False)
+    stamp.write_text(code)
     log(f"exported {out.name} ({len(adapters)} tenants) in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def exporter_code_hash() -> str:
+    """sha256 over the sources that shape an export's graphs (milora/export, milora/format)."""
+    h = hashlib.sha256()
+    for path in sorted(p for d in ("export", "format") for p in (REPO / "milora" / d).rglob("*.py")):
+        h.update(path.relative_to(REPO).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def venv(path: Path, pins: list[str], probe: str) -> Path:

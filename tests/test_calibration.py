@@ -253,6 +253,20 @@ def test_calibration_is_routing_aware_and_decode_uses_real_prefill_kv(exported):
     assert np.abs(present).sum() > 0
     np.testing.assert_array_equal(first[key][:, :, :t] if fd.is_fused(m) else first[key], present)
     assert len(cs.decode) == len(cs.prefill) * 2
+    # each phase is calibrated on its own feeds; a graph that serves both and cannot be split
+    # (a fused export with an If per layer) reads both phases' feeds, whichever role it plays
+    ids = lambda feeds: [id(f[mf.INPUT_IDS]) for f in feeds]  # noqa: E731
+    assert _read(cs, "prefill") == ids(cs.prefill) and _read(cs, "decode") == ids(cs.decode)
+    both = cs.both_phases()
+    assert _read(both, "prefill") == _read(both, "decode") == ids(cs.prefill + cs.decode)
+
+
+def _read(cs, graph: str) -> list[int]:
+    """What onnxruntime's calibrator gets from cs.reader(graph), as the identities of its input_ids."""
+    reader, out = cs.reader(graph), []
+    while (feeds := reader.get_next()) is not None:
+        out.append(id(feeds[mf.INPUT_IDS]))
+    return out
 
 
 def test_routing_aware_selection_covers_every_path():

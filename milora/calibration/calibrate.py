@@ -22,6 +22,7 @@ steps that follow those real prefill runs (their KV, their gates, greedy next to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,13 +146,18 @@ class CalibrationSet:
     decode: list[dict[str, np.ndarray]] = field(default_factory=list)
     coverage: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, set[str]] = field(default_factory=dict)
-    one_graph: bool = False  # the fused flavour: one graph for both phases (manifest.graph_of)
+
+    def both_phases(self) -> "CalibrationSet":
+        """Every feed for either graph: for one graph that serves both phases and cannot be taken
+        apart into them (a fused export written with an If per layer; milora-quantize
+        quantizes today's fused graph one phase at a time, each on its own feeds)."""
+        items = self.prefill + self.decode
+        return dataclasses.replace(self, prefill=items, decode=items)
 
     def reader(self, graph: str):
         from onnxruntime.quantization import CalibrationDataReader
 
-        # One graph for both phases (the fused flavour): it is calibrated on the feeds of both.
-        items = self.prefill + self.decode if self.one_graph else self.prefill if graph == "prefill" else self.decode
+        items = self.prefill if graph == "prefill" else self.decode
         wanted = self.inputs[graph]
 
         class Reader(CalibrationDataReader):
@@ -236,8 +242,7 @@ def calibration_set(out_dir: Path, manifest: dict[str, Any], opts, uniform: bool
         while len(rows) % CALIB_BATCH:
             rows.append(rows[len(rows) % len(rows)])
     longest = max(len(p) for _, p in rows) if uniform and rows else None
-    cs = CalibrationSet(inputs={g: {i["name"] for i in manifest["graphs"][g]["inputs"]} for g in mf.GRAPH_ROLES},
-                        one_graph=mf.graph_of(manifest, "decode") == "prefill")
+    cs = CalibrationSet(inputs={g: {i["name"] for i in manifest["graphs"][g]["inputs"]} for g in mf.GRAPH_ROLES})
     for s in range(0, len(rows), CALIB_BATCH):
         chunk = rows[s:s + CALIB_BATCH]
         b = fd.prefill_feeds(manifest, [p for _, p in chunk], [manifest["tenants"][t]["slot"] for t, _ in chunk], banks,

@@ -225,13 +225,14 @@ def _quantize_into(out_dir: Path, tmp: Path, src: dict[str, Any], opts: Quantize
                 model = onnx.load(str(out_dir / src["graphs"][graph]["file"]), load_external_data=True)
                 phases = split(model, mf.ROUTE)
                 if phases is None:
-                    model, kept[graph] = quantize_graph(model, graph, src, opts, calib, tmp)
+                    both = calib is not None and mf.graph_of(src, "decode") != "decode"  # one graph, both phases
+                    model, kept[graph] = quantize_graph(model, graph, src, opts, calib.both_phases() if both else calib,
+                                                        tmp)
                     if transform is not None:
                         transform(model, graph, cg.plan(model, src["base"]["vocab_size"]))
                 else:  # the fused flavour's one graph: each phase's model apart, on its own calls
-                    phase_calib = dataclasses.replace(calib, one_graph=False) if calib is not None else None
                     for role in phases:
-                        phases[role], kept[role] = quantize_graph(phases[role], role, src, opts, phase_calib, tmp)
+                        phases[role], kept[role] = quantize_graph(phases[role], role, src, opts, calib, tmp)
                         if transform is not None:
                             transform(phases[role], role, cg.plan(phases[role], src["base"]["vocab_size"]))
                     model = join(phases, model, mf.ROUTE)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from milora.format import buffers
 from milora.format import manifest as mf
 from milora.format.contract import EXPERT_INDEX, NUM_EXPERTS
 
@@ -47,8 +48,8 @@ def build(banks: dict[str, np.ndarray], slots: np.ndarray, gates: np.ndarray, ba
             picks = [[m for m in modules if used[b, l, EXPERT_INDEX[m]]] for b in range(len(slots))]
             rows = [b for b, p in enumerate(picks) if p]
             rank = r_max * max((len(picks[b]) for b in rows), default=0)
-            a = np.zeros((len(rows), d_in, rank), np_dtype)
-            bb = np.zeros((len(rows), rank, d_out), np_dtype)
+            a = buffers.zeros((len(rows), d_in, rank), np_dtype)  # read in place by onnxruntime
+            bb = buffers.zeros((len(rows), rank, d_out), np_dtype)
             for i, b in enumerate(rows):
                 s = int(slots[b])
                 for j, m in enumerate(picks[b]):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from milora.errors import RequestError
-from milora.format import lora_batch
+from milora.format import buffers, lora_batch
 from milora.format import manifest as mf
 from milora.format.padding import right_pad
 from milora.runtime.ort_backend import OrtBackend
@@ -224,7 +224,7 @@ class FusedOrtBackend(OrtBackend):
         b, t = shape
         io = StepIO(np.zeros(shape, np.int64), np.zeros(b, np.int32), np.zeros((), np.int32),
                     np.ascontiguousarray(np.broadcast_to(np.arange(t, dtype=np.int64), shape)),  # every new token
-                    np.zeros((b, t, self.vocab_size), self._logits_dtype))
+                    buffers.zeros((b, t, self.vocab_size), self._logits_dtype))
         binding = self._bindings["decode"]
         for name, a in ((mf.INPUT_IDS, io.ids), (mf.SEQLENS_K, io.seqlens), (mf.TOTAL_SEQUENCE_LENGTH, io.total),
                         (mf.LOGITS_INDEX, io.index)):
@@ -236,18 +236,18 @@ class FusedOrtBackend(OrtBackend):
     # ---- KV (host copies only when membership changes or a buffer fills) ----
 
     def _alloc(self, rows: int, capacity: int) -> list[np.ndarray]:
-        return [np.zeros((rows, *self.kv_shape[:1], capacity, self.kv_shape[1]), self.dtype)
+        return [buffers.zeros((rows, *self.kv_shape[:1], capacity, self.kv_shape[1]), self.dtype)
                 for _ in range(self.num_layers)]
 
     def _grow(self, kv: FusedKV, needed: int) -> None:
         # Geometric growth (amortized O(1) copying per token) by a quarter, not doubling: a
         # buffer is at most ~25% (plus the rounding) larger than what its rows hold.
         cap = _round_up(needed + needed // GROWTH_DIVISOR)
-        for buffers in (kv.k, kv.v):
-            for i, old in enumerate(buffers):
-                new = np.zeros((*old.shape[:2], cap, old.shape[3]), old.dtype)
+        for layers in (kv.k, kv.v):
+            for i, old in enumerate(layers):
+                new = buffers.zeros((*old.shape[:2], cap, old.shape[3]), old.dtype)
                 new[:, :, :old.shape[2]] = old
-                buffers[i] = new
+                layers[i] = new
         kv.values = None
 
     def _pull(self, kv: FusedKV) -> None:

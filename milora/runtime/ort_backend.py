@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from milora.errors import ManifestError, RequestError
+from milora.format import buffers
 from milora.format import manifest as mf
 from milora.runtime.backend import MaskedKV, check_slots
 from milora.format.padding import left_pad, pad_left_to
@@ -87,7 +88,7 @@ class OrtBackend:
         self.num_layers = manifest["base"]["num_layers"]
         self.dtype = NP_DTYPES[manifest["dtype"]]
         self.slots = manifest["slots"]
-        self.banks = {n: np.zeros([self.slots, *s["shape"]], dtype=NP_DTYPES[s["dtype"]])
+        self.banks = {n: buffers.zeros([self.slots, *s["shape"]], NP_DTYPES[s["dtype"]])
                       for n, s in manifest["banks"].items()}
         self._inputs = {g: {i["name"] for i in graphs[g]["inputs"]} for g in self.sessions}
         self.past_names = [n for i in range(self.num_layers) for n in (mf.past_key(i), mf.past_value(i))]
