@@ -102,8 +102,9 @@ def test_no_free_adapter_slot_is_503_with_retry_after(exported):
         assert err.value.status_code == 503 and err.value.response.headers["retry-after"] == "1"
         assert err.value.code == "no_free_adapter_slot" and "slots" in err.value.message
         engine_of(server).unpin("alpha")
-        ok = make_client(server).chat.completions.create(model="extra", messages=user("w5"), max_tokens=2)
-        assert ok.choices[0].message.content
+        ask = lambda m: make_client(server).chat.completions.create(  # noqa: E731
+            model=m, messages=user("w5"), max_tokens=2, temperature=0).choices[0].message.content
+        assert ask("extra") == ask("beta")  # "extra" is beta's adapter, loaded in alpha's slot
         assert wait_until(lambda: empty(server))
 
 
@@ -140,6 +141,9 @@ def test_timeout_is_504_and_cancels(exported):
     config = ServeConfig(request_timeout_s=0.3)
     with ServerThread(create_app(exported[1], config=config, max_batch=2)) as server:
         client = make_client(server)
+        ask = lambda: client.completions.create(model="alpha", prompt="w5", max_tokens=2,  # noqa: E731
+                                                temperature=0).choices[0].text
+        before = ask()
         with engine_of(server)._lock:
             threads, results = in_threads(lambda: client.completions.create(model="alpha", prompt="w5", max_tokens=5))
             threads[0].join(30)
@@ -147,7 +151,7 @@ def test_timeout_is_504_and_cancels(exported):
         assert isinstance(err, openai.APIStatusError) and err.status_code == 504 and err.code == "timeout"
         assert wait_until(lambda: empty(server) and not driver_of(server)._inbox)
         # A request that finishes in time is unaffected.
-        assert client.completions.create(model="alpha", prompt="w5", max_tokens=2).choices[0].text
+        assert ask() == before
 
 
 def test_admin_adds_and_removes_tenants(exported):
@@ -261,6 +265,9 @@ def test_a_corrupt_tenant_fails_alone_with_a_clean_500(exported, tmp_path):
 def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(exported, monkeypatch):
     with ServerThread(create_app(exported[1], max_batch=2)) as server:
         client = make_client(server)
+        ask = lambda: client.completions.create(model="gamma", prompt="w5", max_tokens=4,  # noqa: E731
+                                                temperature=0).choices[0].text
+        before = ask()
         engine = engine_of(server)
         real_step = engine.step
         calls = {"n": 0}
@@ -273,7 +280,7 @@ def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(exported, m
 
         monkeypatch.setattr(engine, "step", failing_step)
         with pytest.raises(openai.InternalServerError) as err:
-            client.completions.create(model="gamma", prompt="w5", max_tokens=4)
+            ask()
         assert err.value.code == "engine_failure" and "injected" in err.value.message
-        assert client.completions.create(model="gamma", prompt="w5", max_tokens=4).choices[0].text
+        assert ask() == before  # the next request is served as if nothing had failed
         assert wait_until(lambda: empty(server))
