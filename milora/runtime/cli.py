@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--share-weights", action="store_true",
                    help="map the weights file once, unpacked (portable exports: ~40%% less memory; slower decode "
                         "on CPU)")
+    r.add_argument("--no-huge-pages", action="store_true",
+                   help="leave the packed weights in 4 KB pages (default on CPU/Linux: moved into 2 MB pages at load, "
+                        "faster decode, ~1.4 s more to load SmolLM2-135M)")
     return p
 
 
@@ -79,7 +82,8 @@ def _engine(args):
 
     try:
         return Engine(args.out_dir, providers=args.providers.split(","), max_batch=args.max_batch,
-                      threads=args.threads, verify=not args.no_verify, share_weights=args.share_weights)
+                      threads=args.threads, verify=not args.no_verify, share_weights=args.share_weights,
+                      huge_pages=not args.no_huge_pages)
     except MiloraError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a graph it cannot load

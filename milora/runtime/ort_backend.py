@@ -20,6 +20,7 @@ import numpy as np
 from milora.errors import ManifestError, RequestError
 from milora.format import buffers
 from milora.format import manifest as mf
+from milora.runtime import hugepages
 from milora.runtime.backend import MaskedKV, check_slots
 from milora.format.padding import left_pad, pad_left_to
 from milora.format.manifest import NP_DTYPES
@@ -47,7 +48,8 @@ class OrtBackend:
     """The Backend (milora.runtime.backend) of the portable graphs on onnxruntime."""
 
     def __init__(self, root, manifest: dict[str, Any], providers: Sequence[str] | None = None,
-                 threads: int | None = None, pad_token_id: int = 0, share_weights: bool = False):
+                 threads: int | None = None, pad_token_id: int = 0, share_weights: bool = False,
+                 huge_pages: bool = True):
         import onnxruntime as ort
 
         self.ort = ort
@@ -70,6 +72,9 @@ class OrtBackend:
         if share_weights and self.shared_weights is None:
             raise ManifestError(f"{root} was exported before the graphs shared one weights file; export it "
                                 "again to open it with share_weights=True")
+        # huge_pages (CPU): what the sessions allocate while loading (their packed weights) is
+        # moved into 2 MB pages once they are open (milora.runtime.hugepages; docs/runtime.md).
+        before = hugepages.snapshot() if huge_pages else None
         self.sessions = {}
         for g in mf.GRAPH_ROLES:
             if mf.graph_of(manifest, g) != g:  # the fused flavour's one graph: loaded (weights packed) once
@@ -85,6 +90,7 @@ class OrtBackend:
             self.sessions[g] = ort.InferenceSession(str(root / graphs[g]["file"]), opts, providers=providers)
         # CUDA EP: inputs and outputs stay on the device; on CPU everything is host memory.
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.huge_pages = hugepages.collapse(since=before) if huge_pages and self.device == "cpu" else None
         self.num_layers = manifest["base"]["num_layers"]
         self.dtype = NP_DTYPES[manifest["dtype"]]
         self.slots = manifest["slots"]
@@ -216,10 +222,12 @@ class OrtBackend:
 
 
 def open_backend(root, manifest: dict[str, Any], providers: Sequence[str] | None = None, threads: int | None = None,
-                 pad_token_id: int = 0, share_weights: bool = False) -> OrtBackend:
+                 pad_token_id: int = 0, share_weights: bool = False, huge_pages: bool = True) -> OrtBackend:
     """The onnxruntime backend for an export's graph flavour (manifest "flavour")."""
     if manifest.get("flavour") == mf.FLAVOUR_FUSED:
         from milora.runtime.fused_backend import FusedOrtBackend
 
-        return FusedOrtBackend(root, manifest, providers, threads, pad_token_id, share_weights=share_weights)
-    return OrtBackend(root, manifest, providers, threads, pad_token_id, share_weights=share_weights)
+        return FusedOrtBackend(root, manifest, providers, threads, pad_token_id, share_weights=share_weights,
+                               huge_pages=huge_pages)
+    return OrtBackend(root, manifest, providers, threads, pad_token_id, share_weights=share_weights,
+                      huge_pages=huge_pages)

@@ -113,7 +113,8 @@ def create_app(out_dir: str | Path | None = None, *, backend: Backend | None = N
                config: ServeConfig | None = None, **engine_options) -> FastAPI:
     """The HTTP app over OUT_DIR (a LocalBackend: one Engine, opened now, so a bad directory
     fails here with a typed error) or over a given backend. engine_options go to Engine
-    (max_batch, kv_budget_tokens, threads, providers, max_queue, share_weights, verify)."""
+    (max_batch, kv_budget_tokens, threads, providers, max_queue, share_weights, huge_pages,
+    verify)."""
     cfg = config or ServeConfig()
     if (out_dir is None) == (backend is None):
         raise ServeError("create_app needs exactly one of out_dir (an export directory) or backend")

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated onnxruntime providers")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of OUT_DIR's files")
     r.add_argument("--share-weights", action="store_true", help="load the weights once for both graphs")
+    r.add_argument("--no-huge-pages", action="store_true", help="leave the packed weights in 4 KB pages (docs/runtime.md)")
     ray = p.add_argument_group("Ray Serve (pip install milora[ray]; docs/serving.md)")
     ray.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas with tenant-aware routing")
     ray.add_argument("--ray-address", help="an existing Ray cluster (e.g. 'auto'); default: start one on loopback")
@@ -87,7 +88,8 @@ def serve_config(args):
 def engine_options(args) -> dict:
     return {"max_batch": args.max_batch, "kv_budget_tokens": args.kv_budget_tokens, "threads": args.threads,
             "providers": args.providers.split(","), "verify": not args.no_verify,
-            "share_weights": args.share_weights, "max_queue": args.max_queue}
+            "share_weights": args.share_weights, "max_queue": args.max_queue,
+            "huge_pages": not args.no_huge_pages}
 
 
 def main(argv: list[str] | None = None) -> int:
