@@ -79,6 +79,7 @@ def proc_memory() -> dict[str, float]:
         out["pss_mb"] = roll["Pss"] / 1024
         out["uss_mb"] = (roll["Private_Clean"] + roll["Private_Dirty"]) / 1024
         out["anon_mb"] = roll.get("Anonymous", 0) / 1024
+        out["anon_huge_mb"] = roll.get("AnonHugePages", 0) / 1024
     except (OSError, KeyError):
         pass
     return out
@@ -134,7 +135,7 @@ def worker_milora(spec: dict, ids: list[list[int]], new: int):
     from milora.runtime import Engine, SamplingParams
 
     engine = Engine(spec["export"], max_batch=len(ids), threads=THREADS, verify=False,
-                    share_weights=bool(spec.get("share_weights")))
+                    share_weights=bool(spec.get("share_weights")), huge_pages=spec.get("huge_pages", True))
     tenants = spec["tenants"] or [None] * len(ids)
     for t in set(tenants) - {None}:
         engine.pin(t)
@@ -417,13 +418,20 @@ def systems(args, paths: dict) -> list[dict]:
         milora += [("milora-k1-r16", tenants("r16", "milora-k1", 16))]
     # The weights option (share_weights: one mapped copy, prepacking off) beside the default.
     shared = ("milora-base-shared", {"export": str(paths["base"]), "tenants": None, "share_weights": True})
-    milora_variants = {b: [shared] for b in BATCHES}
+    # Huge pages (milora.runtime.hugepages, on by default on CPU) off, to show what they give.
+    small_pages = [("milora-base-4k", {"export": str(paths["base"]), "tenants": None, "huge_pages": False}),
+                   ("milora-k1-r16-4k", dict(tenants("r16", "milora-k1", 16), huge_pages=False))]
+    milora_variants = {b: [shared, *small_pages] for b in BATCHES}
     for b in BATCHES:
         for name, spec in milora + milora_variants[b]:
             spec = dict(spec, tenants=spec["tenants"][:b] if spec["tenants"] else None)
             out.append({"system": name, "kind": "milora", "batch": b, "python": sys.executable, **spec})
         out.append({"system": "genai", "kind": "genai", "batch": b, "python": str(paths["genai_python"]),
                     "model": str(paths["genai_model"])})
+        # genai with 2 MB pages too: glibc's malloc asks for them when told so at process start
+        # (onnxruntime-genai has no setting of its own); the fair peer of our default.
+        out.append({"system": "genai-thp", "kind": "genai", "batch": b, "python": str(paths["genai_python"]),
+                    "model": str(paths["genai_model"]), "env": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}})
         if paths.get("optimum_python"):
             out.append({"system": "optimum", "kind": "optimum", "batch": b, "python": str(paths["optimum_python"]),
                         "model": str(paths["optimum_model"])})
@@ -441,7 +449,7 @@ def systems(args, paths: dict) -> list[dict]:
 def measure(spec: dict, prompts: list[list[int]], new_tokens: int, timeout: int = 600) -> dict:
     """One fresh-process measurement: the worker's RESULT record, or {"error": ...}."""
     payload = dict(spec, prompts=prompts, new_tokens=new_tokens)
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false", **spec.get("env", {}))
     if spec["kind"] in ("torch-milora", "peft"):
         # OpenMP's spinning waits made PyTorch 5-20x slower whenever other jobs shared the
         # cores (5 tok/s at B=8 at load 2.5); passive waits are its best setting on a shared box.
@@ -571,7 +579,26 @@ def report(result: dict) -> str:
     lines += ["", "Targets:"]
     for check in targets(records):
         lines.append(f"- {check}")
+    gains = huge_page_gains(records)
+    if gains:
+        lines += ["", "2 MB pages (decode tok/s with / without, same round's runs):"] + [f"- {g}" for g in gains]
     return "\n".join(lines)
+
+
+def huge_page_gains(records: list[dict]) -> list[str]:
+    """What 2 MB pages give each system measured both ways (ours: the engine's default against
+    huge_pages=False; genai: glibc's hugetlb tunable against none)."""
+    out = []
+    for with_, without in (("milora-base", "milora-base-4k"), ("milora-k1-r16", "milora-k1-r16-4k"), ("genai-thp", "genai")):
+        for b in BATCHES:
+            r = ratio(records, with_, without, b)
+            a = next((x.get("decode_tok_s_all") for x in records if x["system"] == with_ and x["batch"] == b), None)
+            c = next((x.get("decode_tok_s_all") for x in records if x["system"] == without and x["batch"] == b), None)
+            if r is None:
+                continue
+            rounds = f" (per round {', '.join(f'{x / y:.2f}' for x, y in zip(a, c))})" if a and c and len(a) == len(c) else ""
+            out.append(f"{with_} / {without}, B={b}: {r:.2f}x{rounds}")
+    return out
 
 
 def targets(records: list[dict]) -> list[str]:
@@ -592,6 +619,9 @@ def targets(records: list[dict]) -> list[str]:
     for b in BATCHES:
         out.append(line(f"milora base / genai decode, B={b}", ratio(records, "milora-base", "genai", b), 1.0,
                         per_round("milora-base", "genai", b)))
+    for b in BATCHES:
+        out.append(line(f"milora base / genai with 2 MB pages (genai-thp) decode, B={b}",
+                        ratio(records, "milora-base", "genai-thp", b), 1.0, per_round("milora-base", "genai-thp", b)))
     for b in BATCHES:
         r = ratio(records, "genai", "milora-base", b, "ttft_ms")
         out.append(line(f"genai TTFT / milora base TTFT, B={b} (>= 1 means ours is no slower)", r, 1.0))

@@ -12,9 +12,11 @@ its sessions and, once they are open, collapse(since=snapshot) moves what the se
 while loading are touched, and only those (almost) fully resident, so no untouched memory
 becomes resident and the rest of the process is left alone. Where the kernel lacks
 MADV_COLLAPSE, the setting is `never`, or this is not Linux, nothing happens and the report
-says why. Measured (docs/runtime.md, BENCHMARKS.md): on SmolLM2-135M on a 2-core x86 machine,
-decode +11% at B=1 and +2% at B=8 for the base model, +16% for 8 tenants at B=8, for about
-1.4 s more at load (550 MB collapsed).
+says why. Measured with benchmarks/peers.py (the milora-base-4k and milora-k1-r16-4k systems
+turn it off; BENCHMARKS.md): SmolLM2-135M fp32 on a 2-core x86 machine decodes 1-17% faster
+at B=1 and 6-10% faster at B=8 (two runs of 4 and 5 rounds), for about 1.4 s more at load
+(545 MB collapsed); for 8 tenants at B=8 the one paired run measured 0.97x, within that
+machine's round-to-round noise.
 """
 
 from __future__ import annotations
