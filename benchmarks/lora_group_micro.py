@@ -13,6 +13,10 @@ Forms (B = 8 rows in the batch, n of them routed to the group, rank 16):
   dense            every row, no gather/scatter: MatMul(x, A [B, in, r]), MatMul(B [B, r, out]), Add
   block-diagonal   2-D MatMuls: x_rows @ [A_1 .. A_n] (n x n*r), times a block mask, @ [B_1; ..; B_n]
   gather-only      GatherND + ScatterND without the MatMuls (what the row selection costs)
+  moe              onnxruntime's MoE contrib op over the adapter bank (9 slots as experts, each
+                   row's slot chosen by a one-hot router, identity activation) + Add: one node
+                   per group, but MoE needs out == in (here 576 -> 576; SmolLM2's qkv, gate_up
+                   and down groups are not), so it could serve the o group only
 One process, forms interleaved round by round, medians; prints the per-group cost in microseconds.
 """
 
@@ -28,6 +32,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 BATCH, DIM, RANK, GROUPS = 8, 576, 16, 120
+SLOTS = 9  # the adapter bank's slots (8 tenants + the base's zero slot) as MoE experts
 
 
 def _vi(name, dtype, shape):
@@ -66,7 +71,16 @@ def build(form: str, n: int, rng) -> tuple[onnx.ModelProto, dict]:
                       helper.make_node("MatMul", [f"am{i}", f"B{i}"], [f"b{i}"])]
         elif form == "gather-only":
             nodes.append(helper.make_node("Identity", [f"g{i}"], [f"b{i}"]))
-        if form == "dense":
+        if form == "moe":
+            inputs += [_vi(f"p{i}", TensorProto.FLOAT, [BATCH, SLOTS]), _vi(f"A{i}", TensorProto.FLOAT, [SLOTS, RANK, DIM]),
+                       _vi(f"B{i}", TensorProto.FLOAT, [SLOTS, DIM, RANK])]
+            router = np.full((BATCH, SLOTS), -30.0, np.float32)
+            router[np.arange(BATCH), rng.integers(0, SLOTS, BATCH)] = 0.0
+            feeds.update({f"p{i}": router, f"A{i}": small(SLOTS, RANK, DIM), f"B{i}": small(SLOTS, DIM, RANK)})
+            nodes += [helper.make_node("MoE", [cur, f"p{i}", f"A{i}", "", f"B{i}"], [f"b{i}"], domain="com.microsoft",
+                                       activation_type="identity", k=1, normalize_routing_weights=0),
+                      helper.make_node("Add", [cur, f"b{i}"], [f"z{i}"])]
+        elif form == "dense":
             inputs += [_vi(f"A{i}", TensorProto.FLOAT, [BATCH, DIM, RANK]), _vi(f"B{i}", TensorProto.FLOAT, [BATCH, RANK, DIM])]
             feeds.update({f"A{i}": small(BATCH, DIM, RANK), f"B{i}": small(BATCH, RANK, DIM)})
             nodes += [helper.make_node("MatMul", [cur, f"A{i}"], [f"a{i}"]),
@@ -76,7 +90,7 @@ def build(form: str, n: int, rng) -> tuple[onnx.ModelProto, dict]:
             nodes.append(helper.make_node("ScatterND", [cur, f"r{i}", f"b{i}"], [f"z{i}"], reduction="add"))
         cur = f"z{i}"
     graph = helper.make_graph(nodes, form, inputs, [_vi(cur, TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9
     return model, feeds
 
@@ -90,7 +104,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
-    forms = ["none", "gather-scatter", "dense", "block-diagonal", "gather-only"]
+    forms = ["none", "gather-scatter", "dense", "block-diagonal", "gather-only", "moe"]
     runs = {}
     for form in forms:
         model, feeds = build(form, args.rows, rng)
