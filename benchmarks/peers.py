@@ -585,6 +585,13 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def per_round(records: list[dict], system: str, other: str, b: int) -> list[float] | None:
+    """Decode ratios of the same round's runs (adjacent in time, so under similar load)."""
+    a = next((r.get("decode_tok_s_all") for r in records if r["system"] == system and r["batch"] == b), None)
+    c = next((r.get("decode_tok_s_all") for r in records if r["system"] == other and r["batch"] == b), None)
+    return [x / y for x, y in zip(a, c)] if a and c and len(a) == len(c) else None
+
+
 def huge_page_gains(records: list[dict]) -> list[str]:
     """What 2 MB pages give each system measured both ways (ours: the engine's default against
     huge_pages=False; genai: glibc's hugetlb tunable against none)."""
@@ -592,11 +599,10 @@ def huge_page_gains(records: list[dict]) -> list[str]:
     for with_, without in (("milora-base", "milora-base-4k"), ("milora-k1-r16", "milora-k1-r16-4k"), ("genai-thp", "genai")):
         for b in BATCHES:
             r = ratio(records, with_, without, b)
-            a = next((x.get("decode_tok_s_all") for x in records if x["system"] == with_ and x["batch"] == b), None)
-            c = next((x.get("decode_tok_s_all") for x in records if x["system"] == without and x["batch"] == b), None)
             if r is None:
                 continue
-            rounds = f" (per round {', '.join(f'{x / y:.2f}' for x, y in zip(a, c))})" if a and c and len(a) == len(c) else ""
+            paired = per_round(records, with_, without, b)
+            rounds = f" (per round {', '.join(f'{x:.2f}' for x in paired)})" if paired else ""
             out.append(f"{with_} / {without}, B={b}: {r:.2f}x{rounds}")
     return out
 
@@ -610,25 +616,20 @@ def targets(records: list[dict]) -> list[str]:
         rounds = f"; per round {', '.join(f'{x:.2f}' for x in paired)}" if paired else ""
         return f"{what}: {value:.2f}x (target {goal}){rounds} - {'met' if value >= goal - 1e-9 else 'NOT met'}"
 
-    def per_round(system, other, b):
-        """Ratios of the same round's runs (adjacent in time, so under similar load)."""
-        a = next((r.get("decode_tok_s_all") for r in records if r["system"] == system and r["batch"] == b), None)
-        c = next((r.get("decode_tok_s_all") for r in records if r["system"] == other and r["batch"] == b), None)
-        return [x / y for x, y in zip(a, c)] if a and c and len(a) == len(c) else None
-
     for b in BATCHES:
         out.append(line(f"milora base / genai decode, B={b}", ratio(records, "milora-base", "genai", b), 1.0,
-                        per_round("milora-base", "genai", b)))
+                        per_round(records, "milora-base", "genai", b)))
     for b in BATCHES:
         out.append(line(f"milora base / genai with 2 MB pages (genai-thp) decode, B={b}",
-                        ratio(records, "milora-base", "genai-thp", b), 1.0, per_round("milora-base", "genai-thp", b)))
+                        ratio(records, "milora-base", "genai-thp", b), 1.0,
+                        per_round(records, "milora-base", "genai-thp", b)))
     for b in BATCHES:
         r = ratio(records, "genai", "milora-base", b, "ttft_ms")
         out.append(line(f"genai TTFT / milora base TTFT, B={b} (>= 1 means ours is no slower)", r, 1.0))
     out.append(line("8 MiLoRA k=1 r16 tenants / milora base, B=8", ratio(records, "milora-k1-r16", "milora-base", 8), 0.90,
-                    per_round("milora-k1-r16", "milora-base", 8)))
+                    per_round(records, "milora-k1-r16", "milora-base", 8)))
     out.append(line("8 MiLoRA k=1 r16 tenants / genai base, B=8", ratio(records, "milora-k1-r16", "genai", 8), 1.0,
-                    per_round("milora-k1-r16", "genai", 8)))
+                    per_round(records, "milora-k1-r16", "genai", 8)))
     for b in BATCHES:
         r = ratio(records, "genai", "milora-base", b, "peak_rss_mb")
         out.append(line(f"genai peak RSS / milora base peak RSS, B={b} (>= 1 means ours is no larger)", r, 1.0))

@@ -72,8 +72,11 @@ class OrtBackend:
         if share_weights and self.shared_weights is None:
             raise ManifestError(f"{root} was exported before the graphs shared one weights file; export it "
                                 "again to open it with share_weights=True")
+        # CUDA EP: inputs and outputs stay on the device; on CPU everything is host memory.
+        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         # huge_pages (CPU): what the sessions allocate while loading (their packed weights) is
         # moved into 2 MB pages once they are open (milora.runtime.hugepages; docs/runtime.md).
+        huge_pages = huge_pages and self.device == "cpu"
         before = hugepages.snapshot() if huge_pages else None
         self.sessions = {}
         for g in mf.GRAPH_ROLES:
@@ -88,9 +91,7 @@ class OrtBackend:
                 for name, value in self.shared_weights.values[g].items():
                     opts.add_initializer(name, value)
             self.sessions[g] = ort.InferenceSession(str(root / graphs[g]["file"]), opts, providers=providers)
-        # CUDA EP: inputs and outputs stay on the device; on CPU everything is host memory.
-        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.huge_pages = hugepages.collapse(since=before) if huge_pages and self.device == "cpu" else None
+        self.huge_pages = hugepages.collapse(since=before) if huge_pages else None
         self.num_layers = manifest["base"]["num_layers"]
         self.dtype = NP_DTYPES[manifest["dtype"]]
         self.slots = manifest["slots"]
